@@ -1,0 +1,1 @@
+"""Framework adapters, imported as ``gradwatch.integrations``."""
