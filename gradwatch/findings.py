@@ -110,12 +110,19 @@ class Diagnosis:
         layers: per-layer table rows in depth order.
         steps: the collected-step range the diagnosis looked at, ``(first, last)``, or ``None``.
         notes: remarks that are not problems (e.g. layers without gradient, too little data).
+        structure: what was seen of the model in a forward pass, as plain data:
+            ``{"order": [module names in execution order],
+            "input_shapes": {name: shape}, "output_shapes": {name: shape},
+            "types": {name: class name}, "activations": {activation name: feeding layer name}}``.
+            Empty when unknown (e.g. a diagnosis rebuilt from logs). Fixes use it to
+            pick tensor layouts and shape-preserving blocks without guessing.
     """
 
     findings: tuple[Finding, ...] = ()
     layers: tuple[LayerRow, ...] = ()
     steps: tuple[int, int] | None = None
     notes: tuple[str, ...] = ()
+    structure: dict[str, Any] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
