@@ -198,3 +198,46 @@ def depth_order(layers: list[LayerInfo], forward_order: list[str] | None) -> lis
     not_ran = [layer for layer in layers if layer.name not in rank]
     ran.sort(key=lambda layer: rank[layer.name])
     return ran + not_ran
+
+
+def structure_from_recorder(model: nn.Module, recorder: ForwardOrderRecorder) -> dict:
+    """Plain-data description of one observed forward pass (see ``Diagnosis.structure``)."""
+    modules = dict(model.named_modules())
+    types = {(n or ROOT_NAME): type(m).__name__ for n, m in modules.items()}
+    layer_names = {layer.name for layer in discover_layers(model)}
+    activations: dict[str, str | None] = {}
+    last_layer: str | None = None
+    for name in recorder.order:
+        module = modules.get("" if name == ROOT_NAME else name)
+        if name in layer_names and name != ROOT_NAME:
+            last_layer = name
+        elif module is not None and isinstance(module, ACTIVATION_TYPES):
+            activations[name] = last_layer
+    return {
+        "order": list(recorder.order),
+        "input_shapes": {k: list(v) for k, v in recorder.input_shapes.items()},
+        "output_shapes": {k: list(v) for k, v in recorder.output_shapes.items()},
+        "types": types,
+        "activations": activations,
+    }
+
+
+@torch.no_grad()
+def observe_structure(model: nn.Module, *example_args: object, **example_kwargs: object) -> dict:
+    """Run one forward pass in eval mode (no grad; BatchNorm statistics untouched; each module's
+    train/eval flag restored) and describe what ran, in order.
+
+    Returns the same plain-data dict the watcher records on its first step
+    (``Diagnosis.structure``): execution order, input/output shapes, class names, and for each
+    activation module the parameter layer that ran just before it.
+    """
+    recorder = ForwardOrderRecorder(model)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        model(*example_args, **example_kwargs)
+    finally:
+        recorder.remove()
+        for module, training in modes.items():
+            module.training = training
+    return structure_from_recorder(model, recorder)
