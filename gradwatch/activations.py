@@ -1,0 +1,192 @@
+"""Activation statistics on sampled steps: dead units, saturation, forward and backward signal size.
+
+Forward hooks exist only while a sampled step's forward pass runs: :meth:`ActivationSampler.arm`
+registers them, and they remove themselves when the model's own forward returns, so unsampled
+steps pay nothing. Statistics stay on the device until the watcher's single host copy.
+
+Per activation module (input ``x``, output ``y``):
+- ``dead_frac``: fraction of units (channels for conv layouts, features otherwise) whose
+  pre-activation is ``<= 0`` for every sample and position in the batch (ReLU family only: these
+  units get no gradient).
+- ``saturated_frac``: fraction of outputs in the flat region (sigmoid within 0.01 of 0 or 1,
+  tanh/softsign within 0.01 of +-1, hardtanh/hardsigmoid at their clip values).
+- ``unit_samples``: how many values each unit's deadness was judged on (batch x positions): with
+  few samples a unit can be inactive by chance (probability ~ 0.5 ** samples), so the diagnosis
+  ignores dead fractions measured on too few.
+
+Per parameter layer (its first tensor output ``o``):
+- ``act_rms``: RMS of ``o`` (forward signal size across depth),
+- ``out_grad_rms``: RMS of ``dL/do`` (backward signal size across depth), via a hook on that one
+  output tensor, which lives only as long as the step's autograd graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from gradwatch.layers import LayerInfo, activation_kind
+
+ACT_METRICS: tuple[str, ...] = ("dead_frac", "saturated_frac", "unit_samples")
+LAYER_SIGNAL_METRICS: tuple[str, ...] = ("act_rms", "out_grad_rms")
+
+_CHANNEL_FIRST = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm", "MaxPool", "AvgPool")
+
+
+def _first_tensor(obj: object) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, list | tuple):
+        for item in obj:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+def _saturated(kind: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    if kind == "sigmoid":
+        if isinstance(module, nn.Hardsigmoid):
+            return ((x <= -3) | (x >= 3)).float().mean()
+        return ((y < 0.01) | (y > 0.99)).float().mean()
+    if kind == "tanh":
+        return (y.abs() > 0.99).float().mean()
+    if kind == "hard":
+        lo, hi = float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val", 1.0))
+        return ((x <= lo) | (x >= hi)).float().mean()
+    return None
+
+
+class ActivationSampler:
+    """Registers one-shot hooks for one sampled forward/backward and gathers their statistics.
+
+    Args:
+        model: the watched module.
+        activations: ``(name, module)`` of activation modules to measure.
+        layers: parameter layers whose output signal size to measure.
+        channel_first: names of activations whose units are along dim 1 (conv layouts);
+            the others use the last dimension.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        activations: Sequence[tuple[str, nn.Module]],
+        layers: Sequence[LayerInfo],
+        channel_first: set[str] | None = None,
+    ):
+        self.model = model
+        self.activations = list(activations)
+        self.layers = list(layers)
+        self.channel_first = set(channel_first or ())
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._act: dict[int, torch.Tensor] = {}
+        self._fwd: dict[int, torch.Tensor] = {}
+        self._bwd: dict[int, torch.Tensor] = {}
+        self.armed = False
+        self.captured = False
+
+    @property
+    def n_values(self) -> int:
+        return len(self.activations) * len(ACT_METRICS) + len(self.layers) * len(LAYER_SIGNAL_METRICS)
+
+    def arm(self) -> None:
+        """Attach hooks for the next forward pass only."""
+        if self.armed:
+            return
+        self._act.clear()
+        self._fwd.clear()
+        self._bwd.clear()
+        self.captured = False
+        for i, (name, module) in enumerate(self.activations):
+            kind = activation_kind(module)
+            if kind is None:
+                continue
+            self._handles.append(module.register_forward_hook(self._act_hook(i, name, kind)))
+        for i, layer in enumerate(self.layers):
+            if layer.module is self.model:
+                continue
+            self._handles.append(layer.module.register_forward_hook(self._layer_hook(i)))
+        self._handles.append(self.model.register_forward_hook(self._root_done))
+        self.armed = True
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.armed = False
+
+    def _root_done(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.disarm()
+        self.captured = True
+
+    def _act_hook(self, index: int, name: str, kind: str) -> Callable:
+        unit_dim_first = name in self.channel_first
+
+        @torch.no_grad()
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            x, y = _first_tensor(args), _first_tensor(output)
+            if x is None or y is None or x.numel() == 0 or not x.is_floating_point():
+                return
+            nan = torch.tensor(math.nan, device=x.device)
+            if kind == "relu" and x.dim() >= 1:
+                unit_dim = 1 if (unit_dim_first and x.dim() >= 3) or x.dim() == 2 else x.dim() - 1
+                if x.dim() == 1:
+                    unit_dim = 0
+                reduce = [d for d in range(x.dim()) if d != unit_dim]
+                n_units = x.shape[unit_dim]
+                alive = x.amax(dim=reduce) > 0 if reduce else x > 0
+                dead = 1.0 - alive.float().mean()
+                samples = torch.tensor(float(x.numel() // max(1, n_units)), device=x.device)
+            else:
+                dead, samples = nan, nan
+            sat = _saturated(kind, module, x.float(), y.float())
+            self._act[index] = torch.stack([dead.float(), (sat if sat is not None else nan).float(), samples.float()])
+
+        return hook
+
+    def _layer_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            o = _first_tensor(output)
+            if o is None or o.numel() == 0 or not (o.is_floating_point() or o.is_complex()):
+                return
+            with torch.no_grad():
+                self._fwd[index] = o.detach().abs().float().square().mean().sqrt()
+            if o.requires_grad:
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    with torch.no_grad():
+                        self._bwd[index] = g.detach().abs().float().square().mean().sqrt()
+
+                o.register_hook(grad_hook)
+
+        return hook
+
+    def gather(self, device: torch.device) -> torch.Tensor | None:
+        """Flat float32 tensor of all sampled values on ``device`` (NaN where nothing was seen)."""
+        if not self.captured:
+            return None
+        self.captured = False
+        nan3 = torch.full((len(ACT_METRICS),), math.nan, device=device)
+        nan1 = torch.tensor(math.nan, device=device)
+        parts = [self._act.get(i, nan3).to(device) for i in range(len(self.activations))]
+        fwd = [self._fwd.get(i, nan1).to(device) for i in range(len(self.layers))]
+        bwd = [self._bwd.get(i, nan1).to(device) for i in range(len(self.layers))]
+        self._act.clear()
+        self._fwd.clear()
+        self._bwd.clear()
+        flat = []
+        if parts:
+            flat.append(torch.stack(parts).reshape(-1))
+        if fwd:
+            flat.append(torch.stack([torch.stack(fwd), torch.stack(bwd)], dim=1).reshape(-1))
+        return torch.cat(flat) if flat else torch.zeros(0, device=device)
+
+    def split(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Undo :meth:`gather`'s flattening: ``(act[n_act, 3], layer[n_layers, 2])``."""
+        n_act = len(self.activations) * len(ACT_METRICS)
+        act = host[:n_act].reshape(len(self.activations), len(ACT_METRICS))
+        lay = host[n_act:].reshape(len(self.layers), len(LAYER_SIGNAL_METRICS))
+        return act, lay

@@ -1,0 +1,519 @@
+"""Diagnosis rules: pure functions from a :class:`HistoryView` to a :class:`Diagnosis`.
+
+Principles (see ``Thresholds`` for the numbers):
+
+- *Scale invariance.* Vanishing is a decay **across depth**: early layers' gradients relative to
+  their own weights (``grad_to_weight``), or the backward signal ``dL/d(output)``, orders of
+  magnitude below the late layers'. Multiplying the loss by a constant shifts every layer alike
+  and changes nothing. Only like is compared with like: layers with a matrix weight (Linear,
+  Conv, RNN), not norm layers or embeddings (sparse row updates make their ratio small by design).
+- *No gradient is not a small gradient.* Frozen/unused parameters (``grad is None``) and layers
+  whose gradient is exactly zero are left out of the depth comparison.
+- *Sustained, not transient.* A condition must hold in ``persistence`` of the window's steps.
+- *Cause before symptom.* Each finding looks for its cause (saturating activations, weights far
+  from their init scale, recurrent layers, an optimizer invariant to gradient scale) and ranks
+  the fixes that address that cause. Clipping caps large gradients: it is recommended for
+  exploding or non-finite gradients only, never for vanishing ones, and not as the cure for an
+  over-scaled initialisation under Adam-like optimizers (they are invariant to gradient scale).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gradwatch.findings import Diagnosis, Finding, LayerRow
+from gradwatch.history import HistoryView
+from gradwatch.thresholds import Thresholds
+
+_EXCLUDED_FROM_DEPTH = ("Embedding", "EmbeddingBag")
+_RECURRENT = ("RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell")
+_FIX_REASONS = {
+    ("vanishing", "swap_activation"): "saturating activations ({acts}) have derivatives <= 0.25 (sigmoid) or near 0 when saturated; ReLU-family passes gradients unchanged for active units",
+    ("vanishing", "he_init"): "re-initialise at He/Xavier scale so each layer preserves signal variance forward and backward",
+    ("vanishing", "insert_batchnorm"): "normalising pre-activations keeps them in the non-saturated, unit-variance range at every depth",
+    ("vanishing", "residual"): "identity skip connections give gradients a path that bypasses the decaying chain",
+    ("vanishing", "lstm_gru"): "gated recurrences (LSTM/GRU) carry gradients through time additively instead of through repeated tanh/weight products",
+    ("exploding", "he_init"): "the weights are {scale:.1f}x the He scale: re-initialising removes the cause (clipping would only mask it)",
+    ("exploding", "insert_batchnorm"): "normalisation stops the forward signal from growing layer after layer",
+    ("exploding", "clip_gradients"): "clipping caps the global gradient norm so one bad batch cannot blow up the weights",
+    ("exploding", "lower_lr"): "a smaller learning rate shrinks each update relative to the weights",
+    ("nonfinite", "clip_gradients"): "clipping caps the large gradients that usually precede inf/NaN",
+    ("nonfinite", "lower_lr"): "a smaller learning rate keeps weights from overflowing; also check inputs and the loss for NaN/inf",
+    ("dead_units", "he_init"): "re-initialising the feeding layer (biases zeroed) revives units whose pre-activation is negative for every input",
+    ("dead_units", "swap_activation"): "LeakyReLU keeps a small gradient for negative inputs, so units cannot die",
+    ("dead_units", "lower_lr"): "large updates are the usual way units are knocked into the dead region",
+    ("saturation", "swap_activation"): "ReLU-family activations do not saturate for positive inputs",
+    ("saturation", "insert_batchnorm"): "normalising pre-activations moves them back into the sensitive range",
+    ("saturation", "he_init"): "Xavier-scale weights keep pre-activations of sigmoid/tanh near their linear range",
+}
+
+
+def _nanmedian(a: np.ndarray, axis: int | None = None) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)
+
+
+def _log10(a: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log10(a.astype(np.float64))
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3:
+        return 0.0
+    rx = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+    ry = np.argsort(np.argsort(y, kind="stable"), kind="stable").astype(float)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    denom = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else 0.0
+
+
+def depth_decay(logs: np.ndarray, min_layers: int) -> tuple[float, float, np.ndarray] | None:
+    """How many decades the early layers sit below the late ones.
+
+    Args:
+        logs: log10 values per layer in depth order (NaN = no data).
+        min_layers: minimum number of layers with data.
+
+    Returns:
+        ``(decades, rank_correlation, late_reference)`` or ``None`` without enough layers, where
+        ``decades`` = median of the last quarter (at least one layer) minus median of the first
+        quarter, and the rank correlation is between depth and value.
+    """
+    idx = np.flatnonzero(np.isfinite(logs))
+    if len(idx) < min_layers:
+        return None
+    vals = logs[idx]
+    q = max(1, len(vals) // 4)
+    late = float(np.median(vals[-q:]))
+    early = float(np.median(vals[:q]))
+    return late - early, _spearman(idx.astype(float), vals), np.array(late)
+
+
+def _per_step_decay(logs: np.ndarray, min_layers: int, decades: float, min_rho: float, sign: float = 1.0) -> np.ndarray:
+    """Boolean per step: the depth decay (``sign=1``) or growth (``sign=-1``) condition holds."""
+    out = np.zeros(logs.shape[0], dtype=bool)
+    for t in range(logs.shape[0]):
+        r = depth_decay(sign * logs[t], min_layers)
+        if r is not None and r[0] >= decades and r[1] >= min_rho:
+            out[t] = True
+    return out
+
+
+class _Context:
+    """Derived per-layer facts the rules share (computed once per diagnosis)."""
+
+    def __init__(self, view: HistoryView, th: Thresholds):
+        self.view = view
+        self.th = th
+        n = len(view.layers)
+        self.types = [m.type_name for m in view.layer_meta]
+        gtw = view.metric("grad_to_weight").astype(np.float64) if len(view.steps) else np.zeros((0, n))
+        gnorm = view.metric("grad_norm").astype(np.float64) if len(view.steps) else np.zeros((0, n))
+        gtw = np.where(gnorm > 0, gtw, np.nan)  # exactly-zero gradient = no gradient, not vanishing
+        self.gtw = gtw
+        self.gnorm = gnorm
+        wn = view.metric("weight_norm").astype(np.float64) if len(view.steps) else np.zeros((0, n))
+        self.weight_norm = np.array([_last_finite(wn[:, i]) for i in range(n)]) if n else np.zeros(0)
+        self.matrix = np.array([
+            (m.fan_in is not None or m.type_name == "") and m.type_name not in _EXCLUDED_FROM_DEPTH
+            for m in view.layer_meta
+        ], dtype=bool)
+        # weight RMS relative to init scales (He: sqrt(2/fan_in); default/Xavier-ish: 1/sqrt(fan_in))
+        self.he_scale = np.full(n, np.nan)
+        for i, m in enumerate(view.layer_meta):
+            if m.fan_in and m.numel and math.isfinite(self.weight_norm[i]):
+                rms = self.weight_norm[i] / math.sqrt(m.numel)
+                self.he_scale[i] = rms / math.sqrt(2.0 / m.fan_in)
+        self.gtw_median = _nanmedian(gtw, axis=0) if len(view.steps) else np.full(n, np.nan)
+        self.signal_in = _nanmedian(view.signal[:, :, 1], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
+        self.act_rms = _nanmedian(view.signal[:, :, 0], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
+
+    def hidden_saturating(self) -> list[str]:
+        return [
+            name for name, m in zip(self.view.activations, self.view.activation_meta, strict=True)
+            if m.kind in ("sigmoid", "tanh", "hard") and not m.is_output
+        ]
+
+
+def _last_finite(col: np.ndarray) -> float:
+    finite = np.flatnonzero(np.isfinite(col))
+    return float(col[finite[-1]]) if len(finite) else math.nan
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
+def _reasons(kind: str, fixes: Sequence[str], **fmt: Any) -> tuple[str, ...]:
+    out = []
+    for f in fixes:
+        text = _FIX_REASONS.get((kind, f), "")
+        try:
+            out.append(text.format(**fmt))
+        except (KeyError, ValueError):
+            out.append(text)
+    return tuple(out)
+
+
+# -- rules ---------------------------------------------------------------------------------------
+def _vanishing(ctx: _Context) -> list[Finding]:
+    view, th = ctx.view, ctx.th
+    if len(view.steps) < th.min_steps:
+        return []
+    names = view.layers
+    evidence: dict[str, Any] = {}
+    flagged: list[int] = []
+    decades = 0.0
+    signal_used = None
+
+    # (a) grad-to-weight across depth (every step), matrix layers only
+    cols = np.flatnonzero(ctx.matrix)
+    if len(cols) >= th.min_depth_layers:
+        logs = _log10(ctx.gtw[:, cols])
+        holds = _per_step_decay(logs, th.min_depth_layers, th.vanishing_decades, th.min_rank_correlation)
+        profile = _log10(ctx.gtw_median[cols])
+        r = depth_decay(profile, th.min_depth_layers)
+        if holds.mean() >= th.persistence and r is not None and r[0] >= th.vanishing_decades:
+            decades, signal_used = r[0], "grad_to_weight"
+            late = float(r[2])
+            flagged = [int(cols[i]) for i in range(len(cols)) if math.isfinite(profile[i]) and profile[i] <= late - th.vanishing_decades]
+            evidence["steps_holding"] = float(holds.mean())
+
+    # (b) backward signal dL/d(output) across depth (sampled steps)
+    if signal_used is None and len(view.sample_steps) >= 1:
+        logs = _log10(view.signal[:, :, 1])
+        valid_cols = np.flatnonzero(np.isfinite(logs).any(axis=0))
+        if len(valid_cols) >= th.min_depth_layers:
+            holds = _per_step_decay(logs[:, valid_cols], th.min_depth_layers, th.vanishing_decades, th.min_rank_correlation)
+            profile = _log10(ctx.signal_in[valid_cols])
+            r = depth_decay(profile, th.min_depth_layers)
+            if holds.mean() >= th.persistence and r is not None and r[0] >= th.vanishing_decades:
+                decades, signal_used = r[0], "out_grad_rms"
+                late = float(r[2])
+                flagged = [int(valid_cols[i]) for i in range(len(valid_cols)) if math.isfinite(profile[i]) and profile[i] <= late - th.vanishing_decades]
+                evidence["samples_holding"] = float(holds.mean())
+
+    # (c) through time (recurrent layers; measured per time step when available)
+    temporal = view.context.get("temporal") or {}
+    temporal_flagged = [
+        name for name, info in temporal.items()
+        if info.get("decades", 0.0) >= th.vanishing_decades and name in names
+    ]
+
+    findings = []
+    if signal_used is not None and flagged:
+        layer_names = [names[i] for i in flagged]
+        first, last_i = flagged[0], max(i for i in range(len(names)) if math.isfinite(ctx.gtw_median[i]) or math.isfinite(ctx.signal_in[i]))
+        evidence.update({
+            "signal": signal_used,
+            "decades": round(decades, 2),
+            "ratio_first_to_last": float(10 ** (-decades)),
+            "per_layer_grad_to_weight": {names[i]: float(ctx.gtw_median[i]) for i in range(len(names)) if math.isfinite(ctx.gtw_median[i])},
+            "per_layer_out_grad_rms": {names[i]: float(ctx.signal_in[i]) for i in range(len(names)) if math.isfinite(ctx.signal_in[i])},
+            "window_steps": [int(view.steps[0]), int(view.steps[-1])],
+        })
+        sat = ctx.hidden_saturating()
+        recurrent = [names[i] for i in flagged if ctx.types[i] in _RECURRENT]
+        under = [names[i] for i in flagged if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.under_scaled_init * math.sqrt(0.5)]
+        if recurrent:
+            fixes: tuple[str, ...] = ("lstm_gru", "he_init")
+            cause = f"recurrent layers {recurrent} multiply gradients by the same Jacobian at every time step"
+        elif sat:
+            fixes = ("swap_activation", "he_init", "insert_batchnorm", "residual")
+            cause = f"saturating activations ({', '.join(sat[:4])}{'...' if len(sat) > 4 else ''}) shrink the gradient at every layer"
+        elif under:
+            fixes = ("he_init", "insert_batchnorm", "residual")
+            cause = f"weights of {under[:3]} are far below He/Xavier scale"
+        else:
+            fixes = ("insert_batchnorm", "residual", "he_init")
+            cause = "the signal shrinks through many unnormalised layers"
+        evidence["activations"] = sat
+        evidence["cause"] = cause
+        severity = "critical" if decades >= th.vanishing_critical_decades else "warning"
+        what = "gradient relative to weights" if signal_used == "grad_to_weight" else "backward signal dL/d(output)"
+        findings.append(Finding(
+            kind="vanishing",
+            layers=tuple(layer_names),
+            severity=severity,
+            message=(f"Gradients vanish towards the input: the {what} of {layer_names[0]} is "
+                     f"{10 ** (-decades):.1e} of the last layers' ({decades:.1f} orders of magnitude); {cause}."),
+            evidence=evidence,
+            fixes=fixes,
+            reasons=_reasons("vanishing", fixes, acts=", ".join(sat[:4])),
+        ))
+        _ = first, last_i
+    for name in temporal_flagged:
+        if any(name in f.layers for f in findings):
+            continue
+        info = temporal[name]
+        fixes = ("lstm_gru",)
+        findings.append(Finding(
+            kind="vanishing",
+            layers=(name,),
+            severity="critical" if info["decades"] >= th.vanishing_critical_decades else "warning",
+            message=(f"Gradients vanish through time in {name}: the gradient at t=0 is {10 ** (-info['decades']):.1e} "
+                     f"of the gradient at t=T ({info['decades']:.1f} orders of magnitude over {info.get('steps', '?')} time steps)."),
+            evidence={"signal": "grad_per_time_step", **info},
+            fixes=fixes,
+            reasons=_reasons("vanishing", fixes),
+        ))
+    return findings
+
+
+def _exploding(ctx: _Context) -> list[Finding]:
+    view, th = ctx.view, ctx.th
+    if len(view.steps) < th.min_steps:
+        return []
+    names = view.layers
+    reasons_found: list[str] = []
+    flagged: set[int] = set()
+    evidence: dict[str, Any] = {}
+    critical = False
+
+    # (a) gradient far larger than the weights it updates, sustained
+    big = ctx.gtw >= th.exploding_grad_to_weight
+    share = big.mean(axis=0) if len(ctx.gtw) else np.zeros(len(names))
+    for i in range(len(names)):
+        m = view.layer_meta[i]
+        if share[i] < th.persistence:
+            continue
+        if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
+            continue  # near-zero weights: a large ratio by construction
+        flagged.add(i)
+    if flagged:
+        worst = max(flagged, key=lambda i: ctx.gtw_median[i])
+        reasons_found.append(f"grad-to-weight ratio up to {_fmt(ctx.gtw_median[worst])} in {names[worst]}")
+        evidence["grad_to_weight"] = {names[i]: float(ctx.gtw_median[i]) for i in sorted(flagged)}
+        critical |= ctx.gtw_median[worst] >= th.exploding_critical_grad_to_weight
+
+    # (b) growth towards the input across depth
+    cols = np.flatnonzero(ctx.matrix)
+    if len(cols) >= th.min_depth_layers:
+        logs = _log10(ctx.gtw[:, cols])
+        holds = _per_step_decay(logs, th.min_depth_layers, th.exploding_depth_decades, th.min_rank_correlation, sign=-1.0)
+        r = depth_decay(-_log10(ctx.gtw_median[cols]), th.min_depth_layers)
+        if holds.mean() >= th.persistence and r is not None and r[0] >= th.exploding_depth_decades:
+            q = max(1, len(cols) // 4)
+            flagged.update(int(c) for c in cols[:q])
+            reasons_found.append(f"gradients grow {r[0]:.1f} orders of magnitude towards the input")
+            evidence["depth_growth_decades"] = round(float(r[0]), 2)
+
+    # (c) growth over steps
+    tn = view.total_norm[np.isfinite(view.total_norm) & (view.total_norm > 0)]
+    if len(tn) >= max(th.min_steps, 8):
+        q = max(2, len(tn) // 4)
+        growth = math.log10(float(np.median(tn[-q:])) / float(np.median(tn[:q])))
+        rho = _spearman(np.arange(len(tn), dtype=float), tn)
+        if growth >= th.exploding_growth_decades and rho >= 0.7:
+            reasons_found.append(f"the total gradient norm grew {growth:.1f} orders of magnitude over the window")
+            evidence["growth_over_steps_decades"] = round(growth, 2)
+            critical = True
+            if not flagged:
+                flagged.update(range(len(names)))
+
+    # (d) forward signal growing with depth
+    fwd = _log10(ctx.act_rms)
+    r = depth_decay(fwd, th.min_depth_layers) if len(view.sample_steps) else None  # late minus early
+    if r is not None and r[0] >= th.forward_growth_decades and r[1] >= th.min_rank_correlation:
+        reasons_found.append(f"the forward signal grows {r[0]:.1f} orders of magnitude from the first to the last layer")
+        evidence["forward_growth_decades"] = round(float(r[0]), 2)
+        valid = [i for i in range(len(names)) if math.isfinite(fwd[i])]
+        if not flagged:
+            flagged.update(valid)
+
+    if not reasons_found:
+        return []
+    layers = [names[i] for i in sorted(flagged)]
+    scales = [float(ctx.he_scale[i]) for i in sorted(flagged) if math.isfinite(ctx.he_scale[i])]
+    over = [names[i] for i in sorted(flagged) if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] >= th.over_scaled_init]
+    scale_invariant = view.context.get("optimizer_scale_invariant")
+    recurrent = [n for n, t in zip(names, ctx.types, strict=True) if t in _RECURRENT and n in layers]
+    if over:
+        fixes: tuple[str, ...] = ("he_init", "insert_batchnorm", "lower_lr")
+        if scale_invariant is False:
+            fixes = ("he_init", "insert_batchnorm", "clip_gradients", "lower_lr")
+        cause = f"weights of {over[:3]} are {max(scales):.1f}x the He scale"
+    elif recurrent:
+        fixes = ("clip_gradients", "lower_lr")
+        cause = f"the recurrence in {recurrent} amplifies gradients through time"
+    else:
+        fixes = ("clip_gradients", "lower_lr") if scale_invariant is not True else ("lower_lr", "clip_gradients")
+        cause = "updates are large relative to the weights"
+    tnp = view.total_norm[np.isfinite(view.total_norm)]
+    if len(tnp):
+        evidence["total_norm_percentiles"] = {f"p{p}": float(np.percentile(tnp, p)) for p in (10, 50, 90)}
+    evidence["he_scale"] = {names[i]: float(ctx.he_scale[i]) for i in sorted(flagged) if math.isfinite(ctx.he_scale[i])}
+    evidence["optimizer_scale_invariant"] = scale_invariant
+    evidence["cause"] = cause
+    evidence["window_steps"] = [int(view.steps[0]), int(view.steps[-1])]
+    return [Finding(
+        kind="exploding",
+        layers=tuple(layers),
+        severity="critical" if critical else "warning",
+        message=f"Gradients explode: {'; '.join(reasons_found)}; {cause}.",
+        evidence=evidence,
+        fixes=fixes,
+        reasons=_reasons("exploding", fixes, scale=max(scales) if scales else float("nan")),
+    )]
+
+
+def _nonfinite(ctx: _Context) -> list[Finding]:
+    view, th = ctx.view, ctx.th
+    if view.first_nonfinite is None:
+        return []
+    step, layers = view.first_nonfinite
+    nf = np.nan_to_num(view.metric("nonfinite")) if len(view.steps) else np.zeros((0, 0))
+    recent_bad = bool(nf[-3:].sum() > 0) if len(nf) else False
+    total = max(1, view.total_steps)
+    if view.context.get("amp_loss_scaling") and not recent_bad and view.nonfinite_steps <= max(1, th.amp_tolerated_nonfinite * total):
+        return []
+    fixes = ("clip_gradients", "lower_lr")
+    return [Finding(
+        kind="nonfinite",
+        layers=tuple(layers),
+        severity="critical",
+        message=(f"Non-finite gradients (NaN/Inf) first appeared at step {step} in {', '.join(layers[:3])}"
+                 f"{'...' if len(layers) > 3 else ''}; {view.nonfinite_steps} of {view.total_steps} steps affected."),
+        evidence={"first_step": int(step), "first_layers": list(layers), "nonfinite_steps": int(view.nonfinite_steps),
+                  "total_steps": int(view.total_steps), "still_occurring": recent_bad},
+        fixes=fixes,
+        reasons=_reasons("nonfinite", fixes),
+    )]
+
+
+def _activation_findings(ctx: _Context) -> list[Finding]:
+    view, th = ctx.view, ctx.th
+    if not len(view.sample_steps) or not view.activations:
+        return []
+    dead = view.act[:, :, 0].astype(np.float64)
+    sat = view.act[:, :, 1].astype(np.float64)
+    samples = view.act[:, :, 2].astype(np.float64)
+    dead = np.where(samples >= th.dead_min_samples, dead, np.nan)
+    dead_m = _nanmedian(dead, axis=0)
+    sat_m = _nanmedian(sat, axis=0)
+    findings = []
+    dead_layers = [
+        i for i, m in enumerate(view.activation_meta)
+        if m.kind == "relu" and math.isfinite(dead_m[i]) and dead_m[i] >= th.dead_frac
+    ]
+    if dead_layers:
+        names = [view.activations[i] for i in dead_layers]
+        worst = max(dead_m[i] for i in dead_layers)
+        feeding = [view.activation_meta[i].feeding_layer for i in dead_layers if view.activation_meta[i].feeding_layer]
+        fixes = ("he_init", "swap_activation", "lower_lr")
+        findings.append(Finding(
+            kind="dead_units",
+            layers=tuple(names),
+            severity="critical" if worst >= th.dead_critical_frac else "warning",
+            message=(f"Dead units: up to {worst:.0%} of the units of {', '.join(names[:3])} are inactive for every "
+                     "input in the batch, so they receive no gradient."),
+            evidence={"dead_frac": {view.activations[i]: float(dead_m[i]) for i in dead_layers},
+                      "feeding_layers": feeding, "samples": int(len(view.sample_steps))},
+            fixes=fixes,
+            reasons=_reasons("dead_units", fixes),
+        ))
+    sat_layers = [
+        i for i, m in enumerate(view.activation_meta)
+        if m.kind in ("sigmoid", "tanh", "hard") and not m.is_output and math.isfinite(sat_m[i]) and sat_m[i] >= th.saturated_frac
+    ]
+    if sat_layers:
+        names = [view.activations[i] for i in sat_layers]
+        worst = max(sat_m[i] for i in sat_layers)
+        feeding = [view.activation_meta[i].feeding_layer for i in sat_layers if view.activation_meta[i].feeding_layer]
+        fixes = ("swap_activation", "insert_batchnorm", "he_init")
+        findings.append(Finding(
+            kind="saturation",
+            layers=tuple(names),
+            severity="critical" if worst >= th.saturated_critical_frac else "warning",
+            message=(f"Saturation: up to {worst:.0%} of the outputs of {', '.join(names[:3])} sit in the flat region "
+                     "of the activation, where its derivative is nearly zero."),
+            evidence={"saturated_frac": {view.activations[i]: float(sat_m[i]) for i in sat_layers},
+                      "feeding_layers": feeding, "activations": names, "samples": int(len(view.sample_steps))},
+            fixes=fixes,
+            reasons=_reasons("saturation", fixes),
+        ))
+    return findings
+
+
+def _rows(ctx: _Context, findings: list[Finding]) -> tuple[LayerRow, ...]:
+    view = ctx.view
+    flags: dict[str, list[str]] = {}
+    for f in findings:
+        for name in f.layers:
+            flags.setdefault(name, []).append(f.kind)
+    med = _nanmedian(view.grad.astype(np.float64), axis=0) if len(view.steps) else np.full((len(view.layers), 8), np.nan)
+    act_m = _nanmedian(view.act.astype(np.float64), axis=0) if len(view.sample_steps) and view.activations else None
+    feeding: dict[str, tuple[float, float]] = {}
+    if act_m is not None:
+        for i, m in enumerate(view.activation_meta):
+            if m.feeding_layer:
+                feeding[m.feeding_layer] = (float(act_m[i, 0]), float(act_m[i, 1]))
+                for f in findings:
+                    if view.activations[i] in f.layers:
+                        flags.setdefault(m.feeding_layer, []).append(f.kind)
+    from gradwatch.collect import G
+
+    rows = []
+    for i, name in enumerate(view.layers):
+        dead, sat = feeding.get(name, (math.nan, math.nan))
+        rows.append(LayerRow(
+            name=name,
+            kind=view.layer_meta[i].type_name,
+            depth=i,
+            grad_norm=float(med[i, G["grad_norm"]]),
+            grad_mean_abs=float(med[i, G["grad_mean_abs"]]),
+            grad_max_abs=float(med[i, G["grad_max_abs"]]),
+            grad_to_weight=float(med[i, G["grad_to_weight"]]),
+            weight_norm=float(ctx.weight_norm[i]) if len(ctx.weight_norm) else math.nan,
+            dead_frac=dead,
+            saturated_frac=sat,
+            flags=tuple(dict.fromkeys(flags.get(name, []))),
+        ))
+    return tuple(rows)
+
+
+_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4}
+
+
+def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure: dict | None = None) -> Diagnosis:
+    """Diagnose a window of history. Pure: no torch, no model; never raises on odd histories.
+
+    Args:
+        view: the window to look at (``History.view(last=thresholds.window)``).
+        thresholds: overrides; defaults to ``Thresholds()``.
+        structure: the observed forward structure to attach for fixes (``Diagnosis.structure``).
+
+    Returns:
+        A :class:`Diagnosis` with findings ordered most severe (and most causal) first.
+    """
+    th = thresholds or Thresholds()
+    notes: list[str] = []
+    try:
+        ctx = _Context(view, th)
+        findings: list[Finding] = []
+        for rule in (_nonfinite, _exploding, _vanishing, _activation_findings):
+            try:
+                findings.extend(rule(ctx))
+            except Exception as exc:  # a rule must never take the training run down
+                notes.append(f"rule {rule.__name__.strip('_')} failed on this history: {type(exc).__name__}: {exc}")
+        findings.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
+        rows = _rows(ctx, findings)
+    except Exception as exc:
+        return Diagnosis(notes=(f"diagnosis failed on this history: {type(exc).__name__}: {exc}",), structure=dict(structure or {}))
+    if len(view.steps) < th.min_steps:
+        notes.append(f"only {len(view.steps)} collected step(s) so far (< {th.min_steps}): trend rules wait for more data")
+    no_grad = [n for i, n in enumerate(view.layers) if len(view.steps) and not np.isfinite(ctx.gnorm[:, i]).any()]
+    if no_grad:
+        notes.append(f"{len(no_grad)} layer(s) received no gradient (frozen or unused): {', '.join(no_grad[:5])}{'...' if len(no_grad) > 5 else ''}")
+    steps = (int(view.steps[0]), int(view.steps[-1])) if len(view.steps) else None
+    return Diagnosis(findings=tuple(findings), layers=rows, steps=steps, notes=tuple(notes), structure=dict(structure or {}))

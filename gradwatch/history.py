@@ -1,0 +1,419 @@
+"""Bounded columnar store of per-step, per-layer statistics, and the views the diagnosis reads.
+
+Memory is bounded whatever the run length:
+
+- a ring buffer of the most recent ``capacity`` collected steps, ``float32[capacity, layers, 8]``
+  for gradient metrics (``capacity * layers * 32`` bytes), and of the most recent
+  ``sample_capacity`` activation samples;
+- a long-term summary of at most ``summary_slots`` blocks covering the whole run: each block
+  holds the mean of every metric over its steps; when the slots are full, neighbouring blocks
+  are merged pairwise and the block length doubles, so the summary spans any run length.
+
+With the defaults (1000 steps, 200 samples, 256 summary slots) a 500-layer model holds about
+16 MB of gradient history, 1.2 MB of samples and 4 MB of summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS
+from gradwatch.collect import GRAD_METRICS
+
+
+@dataclass
+class LayerMeta:
+    """What the diagnosis needs to know about a layer besides its numbers."""
+
+    type_name: str = ""
+    depth: int = 0
+    fan_in: int | None = None
+    numel: int = 0
+    recurrent: bool = False
+
+
+@dataclass
+class ActivationMeta:
+    kind: str = ""               # "relu" | "leaky" | "sigmoid" | "tanh" | "hard"
+    type_name: str = ""
+    depth: int = 0
+    feeding_layer: str | None = None
+    is_output: bool = False      # nothing with parameters runs after it: it defines the output range
+
+
+@dataclass
+class HistoryView:
+    """A read-only window of history in depth order: the input of :func:`gradwatch.diagnose`.
+
+    Arrays use NaN for "not measured". ``grad[t, l, m]`` follows ``GRAD_METRICS``; ``act[s, a, m]``
+    follows ``ACT_METRICS``; ``signal[s, l, m]`` follows ``LAYER_SIGNAL_METRICS``.
+    """
+
+    layers: list[str]
+    layer_meta: list[LayerMeta]
+    steps: np.ndarray
+    grad: np.ndarray
+    total_norm: np.ndarray
+    loss: np.ndarray
+    activations: list[str] = field(default_factory=list)
+    activation_meta: list[ActivationMeta] = field(default_factory=list)
+    sample_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    act: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, len(ACT_METRICS)), dtype=np.float32))
+    signal: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, len(LAYER_SIGNAL_METRICS)), dtype=np.float32))
+    first_nonfinite: tuple[int, list[str]] | None = None
+    nonfinite_steps: int = 0
+    total_steps: int = 0
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, name: str) -> np.ndarray:
+        """``[steps, layers]`` array of one gradient metric."""
+        return self.grad[:, :, GRAD_METRICS.index(name)]
+
+    @classmethod
+    def from_dataframe(cls, df: pd.DataFrame, context: dict[str, Any] | None = None) -> HistoryView:
+        """Rebuild a view from a long-format frame (``step, layer, metric, value``), e.g. read from logs.
+
+        Layer order is taken from an optional ``depth`` column, else from first appearance.
+        Rows whose layer is ``"(total)"`` carry global series (``grad_norm`` -> total norm, ``loss``).
+        """
+        df = df.dropna(subset=["value"]) if len(df) else df
+        total = df[df["layer"] == "(total)"] if len(df) else df
+        rest = df[df["layer"] != "(total)"] if len(df) else df
+        grad_rows = rest[rest["metric"].isin(GRAD_METRICS)] if len(rest) else rest
+        if "depth" in rest.columns and len(rest):
+            order = rest.groupby("layer")["depth"].min().sort_values(kind="stable").index.tolist()
+        else:
+            order = list(dict.fromkeys(rest["layer"].tolist())) if len(rest) else []
+        act_names = [
+            n for n in order
+            if len(rest) and n in set(rest[rest["metric"].isin(("dead_frac", "saturated_frac"))]["layer"])
+        ]
+        layer_names = [n for n in order if n not in act_names]
+        steps = np.array(sorted(set(grad_rows["step"].astype(int))) if len(grad_rows) else [], dtype=np.int64)
+        grad = np.full((len(steps), len(layer_names), len(GRAD_METRICS)), np.nan, dtype=np.float32)
+        if len(grad_rows):
+            s_idx = {s: i for i, s in enumerate(steps)}
+            l_idx = {n: i for i, n in enumerate(layer_names)}
+            m_idx = {m: i for i, m in enumerate(GRAD_METRICS)}
+            for step, layer, metric, value in grad_rows[["step", "layer", "metric", "value"]].itertuples(index=False):
+                if layer in l_idx:
+                    grad[s_idx[int(step)], l_idx[layer], m_idx[metric]] = value
+        tn = np.full(len(steps), np.nan)
+        loss = np.full(len(steps), np.nan)
+        if len(total):
+            s_idx = {s: i for i, s in enumerate(steps)}
+            for step, metric, value in total[["step", "metric", "value"]].itertuples(index=False):
+                i = s_idx.get(int(step))
+                if i is None:
+                    continue
+                if metric == "grad_norm":
+                    tn[i] = value
+                elif metric == "loss":
+                    loss[i] = value
+        sig_rows = rest[rest["metric"].isin(LAYER_SIGNAL_METRICS + ACT_METRICS)] if len(rest) else rest
+        sample_steps = np.array(sorted(set(sig_rows["step"].astype(int))) if len(sig_rows) else [], dtype=np.int64)
+        act = np.full((len(sample_steps), len(act_names), len(ACT_METRICS)), np.nan, dtype=np.float32)
+        signal = np.full((len(sample_steps), len(layer_names), len(LAYER_SIGNAL_METRICS)), np.nan, dtype=np.float32)
+        if len(sig_rows):
+            s_idx = {s: i for i, s in enumerate(sample_steps)}
+            a_idx = {n: i for i, n in enumerate(act_names)}
+            l_idx = {n: i for i, n in enumerate(layer_names)}
+            for step, layer, metric, value in sig_rows[["step", "layer", "metric", "value"]].itertuples(index=False):
+                if metric in ACT_METRICS and layer in a_idx:
+                    act[s_idx[int(step)], a_idx[layer], ACT_METRICS.index(metric)] = value
+                elif metric in LAYER_SIGNAL_METRICS and layer in l_idx:
+                    signal[s_idx[int(step)], l_idx[layer], LAYER_SIGNAL_METRICS.index(metric)] = value
+        first_nf = None
+        nf_steps = 0
+        if len(steps):
+            nf = grad[:, :, GRAD_METRICS.index("nonfinite")]
+            bad = np.nan_to_num(nf) > 0
+            nf_steps = int(bad.any(axis=1).sum())
+            if bad.any():
+                t = int(np.argmax(bad.any(axis=1)))
+                first_nf = (int(steps[t]), [layer_names[i] for i in np.flatnonzero(bad[t])])
+        return cls(
+            layers=layer_names,
+            layer_meta=[LayerMeta(depth=i) for i in range(len(layer_names))],
+            steps=steps,
+            grad=grad,
+            total_norm=tn,
+            loss=loss,
+            activations=act_names,
+            activation_meta=[ActivationMeta(depth=i) for i in range(len(act_names))],
+            sample_steps=sample_steps,
+            act=act,
+            signal=signal,
+            first_nonfinite=first_nf,
+            nonfinite_steps=nf_steps,
+            total_steps=int(steps[-1]) + 1 if len(steps) else 0,
+            context=dict(context or {}),
+        )
+
+
+class _Ring:
+    """Fixed-capacity ring of equally shaped float32 records with their step numbers."""
+
+    def __init__(self, capacity: int, shape: tuple[int, ...]):
+        self.capacity = capacity
+        self.data = np.full((capacity, *shape), np.nan, dtype=np.float32)
+        self.steps = np.zeros(capacity, dtype=np.int64)
+        self.count = 0  # total appended
+
+    def append(self, step: int, record: np.ndarray) -> None:
+        i = self.count % self.capacity
+        self.data[i] = np.nan
+        self.data[i, : record.shape[0], ...] = record
+        self.steps[i] = step
+        self.count += 1
+
+    def grow(self, axis1: int) -> None:
+        """Add columns along the first record axis (new layers), filled with NaN."""
+        extra = axis1 - self.data.shape[1]
+        if extra > 0:
+            pad = np.full((self.capacity, extra, *self.data.shape[2:]), np.nan, dtype=np.float32)
+            self.data = np.concatenate([self.data, pad], axis=1)
+
+    def ordered(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        n = min(self.count, self.capacity)
+        if last is not None:
+            n = min(n, last)
+        idx = (np.arange(self.count - n, self.count) % self.capacity) if n else np.zeros(0, dtype=np.int64)
+        return self.steps[idx], self.data[idx]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.steps.nbytes
+
+
+class _Summary:
+    """Long-term means over blocks of steps; merges pairs of blocks when full (bounded slots)."""
+
+    def __init__(self, slots: int, shape: tuple[int, ...]):
+        self.slots = max(2, slots - slots % 2)
+        self.sums = np.zeros((self.slots, *shape), dtype=np.float64)
+        self.counts = np.zeros((self.slots, *shape), dtype=np.float64)
+        self.first = np.zeros(self.slots, dtype=np.int64)
+        self.last = np.zeros(self.slots, dtype=np.int64)
+        self.filled = 0
+        self.block = 1
+        self._in_block = 0
+
+    def add(self, step: int, record: np.ndarray) -> None:
+        if self._in_block == 0:
+            if self.filled == self.slots:
+                self._merge()
+            i = self.filled
+            self.sums[i] = 0
+            self.counts[i] = 0
+            self.first[i] = step
+            self.filled += 1
+        i = self.filled - 1
+        finite = np.isfinite(record)
+        self.sums[i, : record.shape[0]] += np.where(finite, record, 0.0)
+        self.counts[i, : record.shape[0]] += finite
+        self.last[i] = step
+        self._in_block = (self._in_block + 1) % self.block
+
+    def _merge(self) -> None:
+        half = self.slots // 2
+        self.sums[:half] = self.sums[0::2] + self.sums[1::2]
+        self.counts[:half] = self.counts[0::2] + self.counts[1::2]
+        self.first[:half] = self.first[0::2]
+        self.last[:half] = self.last[1::2]
+        self.filled = half
+        self.block *= 2
+
+    def grow(self, axis1: int) -> None:
+        extra = axis1 - self.sums.shape[1]
+        if extra > 0:
+            pad = np.zeros((self.slots, extra, *self.sums.shape[2:]))
+            self.sums = np.concatenate([self.sums, pad], axis=1)
+            self.counts = np.concatenate([self.counts, pad.copy()], axis=1)
+
+    def means(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = self.filled
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(self.counts[:n] > 0, self.sums[:n] / np.maximum(self.counts[:n], 1), np.nan)
+        return self.first[:n], self.last[:n], mean
+
+    @property
+    def nbytes(self) -> int:
+        return self.sums.nbytes + self.counts.nbytes + self.first.nbytes + self.last.nbytes
+
+
+class History:
+    """Per-layer statistics of a run: recent steps in full, the whole run in summary.
+
+    Args:
+        capacity: number of recent collected steps kept in full.
+        sample_capacity: number of recent activation samples kept.
+        summary_slots: number of long-term summary blocks.
+    """
+
+    def __init__(self, capacity: int = 1000, sample_capacity: int = 200, summary_slots: int = 256):
+        for name, value in (("capacity", capacity), ("sample_capacity", sample_capacity), ("summary_slots", summary_slots)):
+            if not isinstance(value, int) or value < 2:
+                raise ValueError(f"History {name} must be an integer >= 2, got {value!r}")
+        self.layers: list[str] = []
+        self.layer_meta: dict[str, LayerMeta] = {}
+        self.activations: list[str] = []
+        self.activation_meta: dict[str, ActivationMeta] = {}
+        self._grad = _Ring(capacity, (0, len(GRAD_METRICS)))
+        self._scalars = _Ring(capacity, (2,))  # total_norm, loss
+        self._act = _Ring(sample_capacity, (0, len(ACT_METRICS)))
+        self._signal = _Ring(sample_capacity, (0, len(LAYER_SIGNAL_METRICS)))
+        self._summary = _Summary(summary_slots, (0, len(GRAD_METRICS)))
+        self.first_nonfinite: tuple[int, list[str]] | None = None
+        self.nonfinite_steps = 0
+        self.total_steps = 0
+        self.context: dict[str, Any] = {}
+
+    # -- registration ----------------------------------------------------------------------------
+    def register_layers(self, names: list[str], meta: list[LayerMeta]) -> list[int]:
+        """Make sure each layer has a column; returns their column indices (new layers appended)."""
+        for name, m in zip(names, meta, strict=True):
+            if name not in self.layer_meta:
+                self.layers.append(name)
+            self.layer_meta[name] = m
+        n = len(self.layers)
+        self._grad.grow(n)
+        self._signal.grow(n)
+        self._summary.grow(n)
+        index = {name: i for i, name in enumerate(self.layers)}
+        return [index[name] for name in names]
+
+    def register_activations(self, names: list[str], meta: list[ActivationMeta]) -> list[int]:
+        for name, m in zip(names, meta, strict=True):
+            if name not in self.activation_meta:
+                self.activations.append(name)
+            self.activation_meta[name] = m
+        self._act.grow(len(self.activations))
+        index = {name: i for i, name in enumerate(self.activations)}
+        return [index[name] for name in names]
+
+    # -- appending -------------------------------------------------------------------------------
+    def append_step(
+        self, step: int, columns: list[int], values: np.ndarray, total_norm: float, loss: float = math.nan
+    ) -> None:
+        """Record one collected step: ``values[i]`` (GRAD_METRICS order) belongs to column ``columns[i]``."""
+        record = np.full((len(self.layers), len(GRAD_METRICS)), np.nan, dtype=np.float32)
+        record[columns] = values
+        self._grad.append(step, record)
+        self._scalars.append(step, np.array([total_norm, loss], dtype=np.float32))
+        self._summary.add(step, record)
+        self.total_steps += 1
+        nf = np.nan_to_num(values[:, GRAD_METRICS.index("nonfinite")]) > 0
+        if nf.any():
+            self.nonfinite_steps += 1
+            if self.first_nonfinite is None:
+                self.first_nonfinite = (step, [self.layers[columns[i]] for i in np.flatnonzero(nf)])
+
+    def append_sample(
+        self, step: int, act_columns: list[int], act: np.ndarray, layer_columns: list[int], signal: np.ndarray
+    ) -> None:
+        a = np.full((len(self.activations), len(ACT_METRICS)), np.nan, dtype=np.float32)
+        a[act_columns] = act
+        s = np.full((len(self.layers), len(LAYER_SIGNAL_METRICS)), np.nan, dtype=np.float32)
+        s[layer_columns] = signal
+        self._act.append(step, a)
+        self._signal.append(step, s)
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the numeric buffers (the bound documented in the module docstring)."""
+        return sum(r.nbytes for r in (self._grad, self._scalars, self._act, self._signal)) + self._summary.nbytes
+
+    def _depth_order(self) -> list[int]:
+        return sorted(range(len(self.layers)), key=lambda i: (self.layer_meta[self.layers[i]].depth, i))
+
+    def view(self, last: int | None = None, last_samples: int | None = None) -> HistoryView:
+        """The most recent ``last`` steps (all kept steps when ``None``) in depth order."""
+        order = self._depth_order()
+        steps, grad = self._grad.ordered(last)
+        _, scalars = self._scalars.ordered(last)
+        s_steps, act = self._act.ordered(last_samples)
+        _, signal = self._signal.ordered(last_samples)
+        a_order = sorted(range(len(self.activations)), key=lambda i: (self.activation_meta[self.activations[i]].depth, i))
+        return HistoryView(
+            layers=[self.layers[i] for i in order],
+            layer_meta=[self.layer_meta[self.layers[i]] for i in order],
+            steps=steps,
+            grad=grad[:, order] if grad.size else np.zeros((len(steps), len(order), len(GRAD_METRICS)), np.float32),
+            total_norm=scalars[:, 0].astype(np.float64) if len(scalars) else np.zeros(0),
+            loss=scalars[:, 1].astype(np.float64) if len(scalars) else np.zeros(0),
+            activations=[self.activations[i] for i in a_order],
+            activation_meta=[self.activation_meta[self.activations[i]] for i in a_order],
+            sample_steps=s_steps,
+            act=act[:, a_order] if act.size else np.zeros((len(s_steps), len(a_order), len(ACT_METRICS)), np.float32),
+            signal=signal[:, order] if signal.size else np.zeros((len(s_steps), len(order), len(LAYER_SIGNAL_METRICS)), np.float32),
+            first_nonfinite=self.first_nonfinite,
+            nonfinite_steps=self.nonfinite_steps,
+            total_steps=self.total_steps,
+            context=dict(self.context),
+        )
+
+    def to_dataframe(self, include_long_term: bool = False) -> pd.DataFrame:
+        """Long format: one row per ``(step, layer, metric)`` with columns ``step, layer, metric, value, depth``.
+
+        Global series use the layer name ``"(total)"`` (``grad_norm``: the total norm; ``loss``).
+        With ``include_long_term`` the long-term block means for steps before the recent window are
+        prepended (their ``step`` is the block's last step, ``metric`` as usual).
+        """
+        v = self.view()
+        frames: list[pd.DataFrame] = []
+        depth = {name: i for i, name in enumerate(v.layers)}
+        adepth = {name: len(v.layers) + i for i, name in enumerate(v.activations)}
+        if include_long_term:
+            first, last, mean = self._summary.means()
+            keep = last < (v.steps[0] if len(v.steps) else np.iinfo(np.int64).max)
+            if keep.any():
+                order = self._depth_order()
+                frames.append(_long(last[keep], [self.layers[i] for i in order], GRAD_METRICS, mean[keep][:, order], depth))
+        if len(v.steps):
+            frames.append(_long(v.steps, v.layers, GRAD_METRICS, v.grad, depth))
+            scalars = np.stack([v.total_norm, v.loss], axis=1)[:, None, :]
+            frames.append(_long(v.steps, ["(total)"], ("grad_norm", "loss"), scalars, {"(total)": -1}))
+        if len(v.sample_steps):
+            frames.append(_long(v.sample_steps, v.activations, ACT_METRICS, v.act, adepth))
+            frames.append(_long(v.sample_steps, v.layers, LAYER_SIGNAL_METRICS, v.signal, depth))
+        if not frames:
+            return pd.DataFrame({"step": pd.Series(dtype="int64"), "layer": pd.Series(dtype="object"),
+                                 "metric": pd.Series(dtype="object"), "value": pd.Series(dtype="float64"),
+                                 "depth": pd.Series(dtype="int64")})
+        df = pd.concat(frames, ignore_index=True)
+        return df.dropna(subset=["value"]).reset_index(drop=True)
+
+    def summary_frame(self, last: int | None = None) -> pd.DataFrame:
+        """Wide per-layer view: one row per layer in depth order, median of each metric over the window."""
+        v = self.view(last)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(v.grad, axis=0) if len(v.steps) else np.full((len(v.layers), len(GRAD_METRICS)), np.nan)
+                sig = np.nanmedian(v.signal, axis=0) if len(v.sample_steps) else np.full((len(v.layers), len(LAYER_SIGNAL_METRICS)), np.nan)
+        df = pd.DataFrame(med, columns=list(GRAD_METRICS), index=pd.Index(v.layers, name="layer"))
+        for i, m in enumerate(LAYER_SIGNAL_METRICS):
+            df[m] = sig[:, i]
+        df.insert(0, "type", [m.type_name for m in v.layer_meta])
+        df.insert(1, "depth", range(len(v.layers)))
+        return df
+
+
+def _long(steps: np.ndarray, names: list[str], metrics: tuple[str, ...], values: np.ndarray, depth: dict[str, int]) -> pd.DataFrame:
+    t, lyr, met = values.shape[0], values.shape[1], values.shape[2]
+    return pd.DataFrame({
+        "step": np.repeat(steps.astype(np.int64), lyr * met),
+        "layer": np.tile(np.repeat(np.array(names, dtype=object), met), t),
+        "metric": np.tile(np.array(metrics, dtype=object), t * lyr),
+        "value": values.reshape(-1).astype(np.float64),
+        "depth": np.tile(np.repeat(np.array([depth.get(n, 0) for n in names], dtype=np.int64), met), t),
+    })

@@ -1,0 +1,61 @@
+"""Plain-text rendering of a :class:`Diagnosis` (what ``str(diagnosis)`` prints)."""
+
+from __future__ import annotations
+
+import math
+
+from gradwatch.findings import Diagnosis, Finding
+
+
+def _num(x: float) -> str:
+    if x is None or not isinstance(x, int | float) or not math.isfinite(x):
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.2e}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:.3f}"
+
+
+def _frac(x: float) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.0%}"
+
+
+def _finding_lines(f: Finding) -> list[str]:
+    layers = ", ".join(f.layers[:8]) + (f" (+{len(f.layers) - 8} more)" if len(f.layers) > 8 else "")
+    lines = [f"[{f.severity.upper()}] {f.kind}: {f.message}", f"    layers: {layers}"]
+    keys = [k for k in f.evidence if not isinstance(f.evidence[k], dict | list)]
+    if keys:
+        lines.append("    evidence: " + ", ".join(f"{k}={f.evidence[k]!r}" for k in keys))
+    for i, fix in enumerate(f.fixes):
+        reason = f.reasons[i] if i < len(f.reasons) and f.reasons[i] else ""
+        lines.append(f"    fix {i + 1}: {fix}" + (f" - {reason}" if reason else ""))
+    return lines
+
+
+def render_report(diagnosis: Diagnosis, max_layers: int = 60) -> str:
+    """The readable report: verdict, findings with evidence and fixes, per-layer table in depth order."""
+    d = diagnosis
+    span = f" (steps {d.steps[0]}-{d.steps[1]})" if d.steps else ""
+    if d.healthy:
+        head = f"gradwatch diagnosis{span}: healthy - no vanishing, exploding, non-finite, dead or saturated layers found"
+    else:
+        head = f"gradwatch diagnosis{span}: {len(d.findings)} finding(s)"
+    lines = [head]
+    for f in d.findings:
+        lines.extend(_finding_lines(f))
+    for note in d.notes:
+        lines.append(f"note: {note}")
+    if d.layers:
+        lines.append("")
+        header = f"{'#':>3}  {'layer':<28} {'type':<14} {'grad_norm':>10} {'mean|g|':>10} {'max|g|':>10} {'grad/w':>10} {'dead':>5} {'sat':>5}  flags"
+        lines.append(header)
+        shown = d.layers if len(d.layers) <= max_layers else d.layers[: max_layers // 2] + d.layers[-max_layers // 2:]
+        for i, row in enumerate(shown):
+            if len(d.layers) > max_layers and i == max_layers // 2:
+                lines.append(f"{'':>3}  ... {len(d.layers) - max_layers} layers not shown ...")
+            name = row.name if len(row.name) <= 28 else "..." + row.name[-25:]
+            lines.append(
+                f"{row.depth:>3}  {name:<28} {row.kind[:14]:<14} {_num(row.grad_norm):>10} {_num(row.grad_mean_abs):>10} "
+                f"{_num(row.grad_max_abs):>10} {_num(row.grad_to_weight):>10} {_frac(row.dead_frac):>5} {_frac(row.saturated_frac):>5}  "
+                f"{','.join(row.flags)}"
+            )
+    return "\n".join(lines)

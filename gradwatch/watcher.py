@@ -1,0 +1,451 @@
+"""``GradWatcher`` and ``watch()``: wires collect -> history -> diagnose -> sinks for any ``nn.Module``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS, ActivationSampler
+from gradwatch.collect import GRAD_METRICS, GradientCollector, StepStats
+from gradwatch.diagnose import diagnose as run_diagnosis
+from gradwatch.findings import Diagnosis
+from gradwatch.history import ActivationMeta, History, LayerMeta
+from gradwatch.layers import (
+    ROOT_NAME,
+    ForwardOrderRecorder,
+    LayerInfo,
+    activation_kind,
+    depth_order,
+    discover_activations,
+    discover_layers,
+    structure_from_recorder,
+    unwrap_model,
+)
+from gradwatch.sinks import Sink, StepRecord
+from gradwatch.thresholds import Thresholds
+
+log = logging.getLogger("gradwatch")
+
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, GradWatcher] = weakref.WeakKeyDictionary()
+_SCALE_INVARIANT_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "SparseAdam")
+_CHANNEL_FIRST_FEEDERS = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm")
+
+
+def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+    return value
+
+
+class GradWatcher:
+    """Watches one model's gradients: per-layer statistics every collected step, diagnosis on demand.
+
+    Create it with :func:`gradwatch.watch`. Call :meth:`step` after ``loss.backward()`` (after
+    ``GradScaler.unscale_``) and before ``optimizer.step()``, or pass ``optimizer=`` and it is called
+    for you by an optimizer step pre-hook.
+
+    Args:
+        model: any ``nn.Module`` (``torch.compile`` and DDP wrappers are looked through).
+        optimizer: if given, statistics are collected automatically right before each
+            ``optimizer.step()`` (after accumulation and AMP unscaling).
+        log_dir: a directory path or an existing ``SummaryWriter``: TensorBoard output.
+        every_n_steps: collect every n-th step (steps in between cost nothing).
+        slow_stats_every_n: zero fractions, weight norms and update ratios run every n-th
+            collected step (norms, mean/max |g| and finiteness run on every one).
+        activations: measure activations (dead units, saturation, signal size) on sampled steps.
+        activation_every_n_steps: sample activations every n-th collected step (the first always).
+        histogram_every_n_steps: TensorBoard histogram cadence (collected steps; 0 = never).
+        figure_every_n_steps: TensorBoard gradient-flow figure cadence (0 = only at close).
+        diagnose_every_n_steps: recompute the diagnosis (for logs, auto-fix) every n collected steps.
+        thresholds: diagnosis thresholds (:class:`gradwatch.Thresholds`).
+        history_capacity: recent collected steps kept in full (memory bound, see ``History``).
+        track_updates: measure the update-to-weight ratio (keeps one weight copy between
+            a slow-stat step and the next collected step).
+        auto_fix: ``False`` (recommend only), ``True`` or a list of fix names allowed to be applied.
+        on_error: ``"detach"`` (default: log one clear message, remove all hooks, training goes on)
+            or ``"raise"``.
+        name: a label for logs.
+        sinks: extra sinks receiving every record.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` / ``optimizer`` not a ``torch.optim.Optimizer``.
+        ValueError: the model has no parameters, or an option is out of range.
+        RuntimeError: the model is already watched by another open watcher.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        log_dir: Any = None,
+        every_n_steps: int = 1,
+        slow_stats_every_n: int = 10,
+        activations: bool = True,
+        activation_every_n_steps: int = 50,
+        histogram_every_n_steps: int = 100,
+        figure_every_n_steps: int = 500,
+        diagnose_every_n_steps: int = 100,
+        thresholds: Thresholds | None = None,
+        history_capacity: int = 1000,
+        track_updates: bool = True,
+        auto_fix: bool | Iterable[str] = False,
+        on_error: str = "detach",
+        name: str | None = None,
+        sinks: Iterable[Sink] = (),
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gradwatch.watch expects a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if on_error not in ("detach", "raise"):
+            raise ValueError(f"on_error must be 'detach' or 'raise', got {on_error!r}")
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise TypeError(f"thresholds must be a gradwatch.Thresholds, got {type(thresholds).__name__}")
+        self.every_n_steps = _check_every("every_n_steps", every_n_steps)
+        self.slow_stats_every_n = _check_every("slow_stats_every_n", slow_stats_every_n)
+        self.activation_every_n_steps = _check_every("activation_every_n_steps", activation_every_n_steps)
+        self.histogram_every_n_steps = _check_every("histogram_every_n_steps", histogram_every_n_steps, allow_zero=True)
+        self.figure_every_n_steps = _check_every("figure_every_n_steps", figure_every_n_steps, allow_zero=True)
+        self.diagnose_every_n_steps = _check_every("diagnose_every_n_steps", diagnose_every_n_steps, allow_zero=True)
+        self.model = unwrap_model(model)
+        self.name = name or type(self.model).__name__
+        self.thresholds = thresholds or Thresholds()
+        self.activations_enabled = bool(activations)
+        self.on_error = on_error
+        self.auto_fix = self._normalise_auto_fix(auto_fix)
+        self.optimizer = optimizer
+        self.history = History(capacity=history_capacity)
+        self.sinks: list[Sink] = list(sinks)
+        self.error: str | None = None
+        self.closed = False
+        self.calls = 0            # step() calls
+        self.collected = 0        # collected steps
+        self.structure: dict[str, Any] = {}
+        self._track_updates = track_updates
+        self._warned: set[str] = set()
+        self._last_diagnosis: Diagnosis | None = None
+        self._last_signature: tuple | None = None
+        self._handles: list[Any] = []
+        self._recorder: ForwardOrderRecorder | None = None
+        self._sampler: ActivationSampler | None = None
+        self._param_key: tuple[int, ...] = ()
+        self._extra_scalars: dict[str, float] = {}
+        self._step_callbacks: list[Callable[[GradWatcher, int], None]] = []
+        #: Optional cross-process reduction of the per-device statistic rows before the host copy,
+        #: for sharded parameters (FSDP): ``fn(rows) -> rows`` (see ``collect.reduce_sharded_rows``).
+        self.row_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+        layers = discover_layers(self.model)
+        if not layers:
+            raise ValueError(
+                f"gradwatch.watch: {type(self.model).__name__} has no parameters, so there are no gradients to watch. "
+                "Pass the module that owns the trainable parameters."
+            )
+        if not any(p.requires_grad for layer in layers for p in layer.params):
+            log.warning("gradwatch: every parameter of %s is frozen (requires_grad=False); no gradients will be recorded "
+                        "until some are unfrozen", self.name)
+        other = _WATCHED.get(self.model)
+        if other is not None and not other.closed:
+            raise RuntimeError(
+                f"gradwatch.watch: this {type(self.model).__name__} is already watched by another GradWatcher "
+                f"({other.name!r}). Call .close() on it first (or use `with gradwatch.watch(...)`)."
+            )
+        _WATCHED[self.model] = self
+        self.history.context["optimizer"] = type(optimizer).__name__ if optimizer is not None else None
+        self.history.context["optimizer_scale_invariant"] = (
+            type(optimizer).__name__ in _SCALE_INVARIANT_OPTIMIZERS if optimizer is not None else None
+        )
+        self._set_layers(layers)
+        self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
+        if self.activations_enabled and self._is_sample(0):
+            self._sampler_arm()
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._optimizer_pre_hook))
+        if log_dir is not None:
+            from gradwatch.tensorboard import TensorBoardSink
+
+            self.sinks.append(TensorBoardSink(log_dir, watcher=self))
+
+    # -- set-up --------------------------------------------------------------------------------
+    @staticmethod
+    def _normalise_auto_fix(auto_fix: bool | Iterable[str]) -> tuple[str, ...]:
+        from gradwatch.findings import FIX_NAMES
+
+        if auto_fix is False or auto_fix is None:
+            return ()
+        if auto_fix is True:
+            return FIX_NAMES
+        if isinstance(auto_fix, str):
+            auto_fix = [auto_fix]
+        names = tuple(auto_fix)
+        unknown = [n for n in names if n not in FIX_NAMES]
+        if unknown:
+            raise ValueError(f"auto_fix: unknown fix name(s) {unknown}; allowed: {FIX_NAMES}")
+        return names
+
+    def _set_layers(self, layers: list[LayerInfo]) -> None:
+        order = self._recorder.order if self._recorder is not None and self._recorder.done else self.structure.get("order")
+        self.layers = depth_order(layers, order)
+        self._param_key = tuple(id(p) for layer in self.layers for p in layer.params)
+        self.collector = GradientCollector(self.layers, track_updates=self._track_updates)
+        meta = [
+            LayerMeta(type_name=layer.type_name, depth=i, fan_in=layer.fan_in, numel=layer.numel,
+                      recurrent=isinstance(layer.module, nn.RNNBase))
+            for i, layer in enumerate(self.layers)
+        ]
+        self._columns = self.history.register_layers([layer.name for layer in self.layers], meta)
+        acts = discover_activations(self.model)
+        rank = {n: i for i, n in enumerate(order or [])}
+        acts.sort(key=lambda a: rank.get(a[0], len(rank)))
+        act_info = self.structure.get("activations", {})
+        param_names = [layer.name for layer in self.layers]
+        last_layer_pos = max((rank[n] for n in param_names if n in rank and n != ROOT_NAME), default=-1)
+        types = self.structure.get("types", {})
+        ameta, channel_first = [], set()
+        for i, (aname, module) in enumerate(acts):
+            feeder = act_info.get(aname)
+            if feeder and types.get(feeder, "").startswith(_CHANNEL_FIRST_FEEDERS):
+                channel_first.add(aname)
+            ameta.append(ActivationMeta(
+                kind=activation_kind(module) or "", type_name=type(module).__name__, depth=i, feeding_layer=feeder,
+                is_output=bool(rank) and rank.get(aname, -1) > last_layer_pos,
+            ))
+        self._acts = acts
+        self._act_columns = self.history.register_activations([a for a, _ in acts], ameta)
+        was_armed = self._sampler is not None and self._sampler.armed
+        if self._sampler is not None:
+            self._sampler.disarm()
+        self._sampler = ActivationSampler(self.model, acts, self.layers, channel_first) if self.activations_enabled else None
+        if was_armed:
+            self._sampler_arm()
+
+    def _on_first_forward(self, recorder: ForwardOrderRecorder) -> None:
+        try:
+            self.structure = structure_from_recorder(self.model, recorder)
+            self._set_layers(discover_layers(self.model))
+        except Exception as exc:  # never break the user's forward pass
+            self._fail(exc)
+
+    def _sampler_arm(self) -> None:
+        if self._sampler is not None and not self.closed:
+            self._sampler.arm()
+
+    def _is_sample(self, collected_index: int) -> bool:
+        return collected_index % self.activation_every_n_steps == 0
+
+    # -- the hot path --------------------------------------------------------------------------
+    def _optimizer_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._step(loss=None, global_step=None)
+
+    def step(self, loss: torch.Tensor | float | None = None, global_step: int | None = None) -> None:
+        """Collect statistics of the current gradients (call after backward, before ``optimizer.step()``).
+
+        Args:
+            loss: optional loss of this step (a tensor is copied together with the statistics,
+                without an extra device sync); used in logs and by auto-fix verification.
+            global_step: the step number to record (defaults to the number of ``step()`` calls).
+        """
+        if self.optimizer is not None:
+            if "manual-step" not in self._warned:
+                self._warned.add("manual-step")
+                log.info("gradwatch: watcher was given optimizer=, so statistics are collected by its step pre-hook; "
+                         "explicit step() calls are ignored")
+            return
+        self._step(loss=loss, global_step=global_step)
+
+    def _step(self, loss: Any, global_step: int | None) -> None:
+        if self.closed:
+            return
+        call = self.calls
+        self.calls += 1
+        if call % self.every_n_steps:
+            return
+        try:
+            self._collect(call if global_step is None else int(global_step), loss)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _collect(self, step: int, loss: Any) -> None:
+        index = self.collected
+        slow = index % self.slow_stats_every_n == 0
+        if slow and self._params_changed():
+            log.info("gradwatch: the parameters of %s changed since watch(); re-discovering layers", self.name)
+            self._set_layers(discover_layers(self.model))
+        partials = self.collector.compute_on_device(slow)
+        if self.row_reducer is not None:
+            partials = [(device, self.row_reducer(rows), pos) for device, rows, pos in partials]
+        if not partials:
+            if "no-grad" not in self._warned:
+                self._warned.add("no-grad")
+                log.warning("gradwatch: step() found no gradients on %s; call it after loss.backward() and before "
+                            "optimizer.zero_grad()", self.name)
+            self._after_step(index)
+            return
+        sample = None
+        if self._sampler is not None and self._sampler.captured:
+            sample = self._sampler.gather(partials[0][0])
+        # one host copy (per device): gradient rows + activation sample + loss
+        host: list[torch.Tensor] = []
+        sizes = None
+        for k, (device, rows, _) in enumerate(partials):
+            parts = [rows.reshape(-1)]
+            if k == 0:
+                extra = sample if sample is not None else rows.new_zeros(0)
+                lt = loss.detach().reshape(-1)[:1].to(device=device, dtype=torch.float32) if isinstance(loss, torch.Tensor) else rows.new_zeros(0)
+                parts += [extra, lt]
+                sizes = (rows.numel(), extra.numel(), lt.numel())
+            host.append(torch.cat(parts).cpu())
+        first = host[0]
+        n_rows = sizes[0]
+        grad_host = [first[:n_rows].reshape(partials[0][1].shape)] + [h.reshape(p[1].shape) for h, p in zip(host[1:], partials[1:], strict=True)]
+        stats = self.collector.finish(partials, grad_host, slow)
+        loss_value = float(first[n_rows + sizes[1]]) if sizes[2] else (float(loss) if isinstance(loss, int | float) else math.nan)
+        self._record(step, stats, loss_value, first[n_rows:n_rows + sizes[1]] if sizes[1] else None)
+        if self.histogram_every_n_steps and index % self.histogram_every_n_steps == 0:
+            for sink in self.sinks:
+                sink.write_histograms(step, self.layers)
+        for cb in list(self._step_callbacks):
+            cb(self, step)
+        if self.diagnose_every_n_steps and index and index % self.diagnose_every_n_steps == 0:
+            self._diagnose_and_publish(step)
+        self._after_step(index)
+
+    def _after_step(self, index: int) -> None:
+        self.collected = index + 1
+        if self._sampler is not None and self._is_sample(self.collected) and not self.closed:
+            self._sampler_arm()
+
+    def _record(self, step: int, stats: StepStats, loss: float, sample: torch.Tensor | None) -> None:
+        values = stats.values.numpy()
+        self.history.append_step(step, self._columns, values, stats.total_norm, loss)
+        act_values = signal = None
+        if sample is not None and self._sampler is not None:
+            act_t, sig_t = self._sampler.split(sample.to(torch.float64))
+            act_values, signal = act_t.numpy(), sig_t.numpy()
+            self.history.append_sample(step, self._act_columns, act_values, self._columns, signal)
+        if self.sinks:
+            record = StepRecord(
+                step=step, layers=[layer.name for layer in self.layers], values=values, total_norm=stats.total_norm,
+                loss=loss, activations=[a for a, _ in self._acts], act_values=act_values, signal=signal,
+                extra=dict(self._extra_scalars),
+            )
+            for sink in self.sinks:
+                sink.write_step(record)
+
+    def _params_changed(self) -> bool:
+        key = tuple(id(p) for layer in discover_layers(self.model) for p in layer.params)
+        return key != self._param_key
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.on_error == "raise":
+            raise exc
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.error("gradwatch: watching %s failed (%s); gradwatch detached itself, training continues unaffected. "
+                  "Statistics up to here are kept.", self.name, self.error)
+        self._detach()
+
+    # -- results -------------------------------------------------------------------------------
+    def set_scalar(self, name: str, value: float) -> None:
+        """Attach an extra scalar (e.g. a clipping threshold) to the following step records."""
+        self._extra_scalars[name] = float(value)
+
+    def add_step_callback(self, fn: Callable[[GradWatcher, int], None]) -> None:
+        """Call ``fn(watcher, step)`` after each collected step (used by auto-fix and integrations)."""
+        self._step_callbacks.append(fn)
+
+    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
+        """Diagnose the most recent ``thresholds.window`` collected steps."""
+        th = thresholds or self.thresholds
+        view = self.history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1))
+        return run_diagnosis(view, th, structure=self.structure)
+
+    def _diagnose_and_publish(self, step: int) -> Diagnosis:
+        diag = self.diagnose()
+        self._last_diagnosis = diag
+        sig = diag.signature()
+        if sig != self._last_signature:
+            self._last_signature = sig
+            for sink in self.sinks:
+                sink.write_diagnosis(step, diag)
+        return diag
+
+    def to_dataframe(self, include_long_term: bool = False) -> pd.DataFrame:
+        """Long format ``step, layer, metric, value`` (plus ``depth``) of everything kept in history."""
+        return self.history.to_dataframe(include_long_term=include_long_term)
+
+    def summary(self) -> pd.DataFrame:
+        """Wide per-layer view (one row per layer in depth order; medians over the recent window)."""
+        return self.history.summary_frame(last=self.thresholds.window)
+
+    # -- teardown ------------------------------------------------------------------------------
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._recorder is not None:
+            self._recorder.remove()
+        if self._sampler is not None:
+            self._sampler.disarm()
+        self.collector._snapshot = None
+
+    def close(self) -> None:
+        """Remove every hook, write the final diagnosis and figure, flush and close the sinks. Idempotent."""
+        if self.closed:
+            return
+        self._detach()
+        try:
+            if self.sinks and self.history.total_steps:
+                step = int(self.history.view(last=1).steps[-1])
+                diag = self.diagnose()
+                self._last_diagnosis = diag
+                for sink in self.sinks:
+                    sink.write_diagnosis(step, diag)
+        except Exception as exc:  # closing must not raise from inside a finally block
+            log.error("gradwatch: final diagnosis failed: %s", exc)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                log.error("gradwatch: closing sink %s failed: %s", type(sink).__name__, exc)
+        self.closed = True
+        if _WATCHED.get(self.model) is self:
+            del _WATCHED[self.model]
+
+    def __enter__(self) -> GradWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            if not self.closed:
+                self._detach()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"GradWatcher({self.name!r}, layers={len(self.layers)}, collected={self.collected}, closed={self.closed})"
+
+
+def watch(model: nn.Module, **kwargs: Any) -> GradWatcher:
+    """Start watching ``model``'s gradients. See :class:`GradWatcher` for the keyword arguments.
+
+    Example:
+        >>> watcher = gradwatch.watch(model)
+        >>> loss.backward(); watcher.step(); optimizer.step()
+        >>> print(watcher.diagnose())
+    """
+    return GradWatcher(model, **kwargs)
+
+
+
+__all__ = ["GradWatcher", "watch", "GRAD_METRICS", "ACT_METRICS", "LAYER_SIGNAL_METRICS"]
