@@ -399,7 +399,9 @@ def _activation_findings(ctx: _Context) -> list[Finding]:
     sat = view.act[:, :, 1].astype(np.float64)
     samples = view.act[:, :, 2].astype(np.float64)
     dead = np.where(samples >= th.dead_min_samples, dead, np.nan)
-    dead_m = _nanmedian(dead, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dead_m = np.nanmin(dead[-5:], axis=0)  # dead in every recent sample, not just unlucky once
     sat_m = _nanmedian(sat, axis=0)
     findings = []
     dead_layers = [

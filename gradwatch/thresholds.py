@@ -38,9 +38,11 @@ class Thresholds:
         forward_growth_decades: layer outputs growing this many decades from the first to the last
             layer is an exploding forward signal.
         over_scaled_init: weights whose RMS is this many times the He scale sqrt(2/fan_in) are
-            over-scaled: the cause to fix is the initialisation, not the gradients.
+            over-scaled (the forward variance grows 4x per ReLU layer at 2x): the cause to fix is
+            the initialisation, not the gradients.
         under_scaled_init: weights below this fraction of the Xavier/He scale are under-scaled.
-        dead_frac: fraction of a ReLU-family layer's units inactive on every sample: warning.
+        dead_frac: fraction of a ReLU-family layer's units inactive on every sample (the smallest
+            such fraction over the recent samples: a dead unit stays dead, an unlucky one does not): warning.
         dead_critical_frac: ... critical.
         dead_min_samples: a unit must have been seen on at least this many values (batch x
             positions) for "never active" to mean dead rather than unlucky (0.5 ** 16 ~ 1.5e-5).
@@ -63,7 +65,7 @@ class Thresholds:
     exploding_depth_decades: float = 3.0
     exploding_growth_decades: float = 2.0
     forward_growth_decades: float = 3.0
-    over_scaled_init: float = 3.0
+    over_scaled_init: float = 2.0
     under_scaled_init: float = 0.3
     dead_frac: float = 0.5
     dead_critical_frac: float = 0.9
