@@ -106,7 +106,9 @@ class GradientCollector:
         """(_N_ROWS, n_layers) float32 statistics for the gradients living on one device."""
         n = self.n_layers
         idx = self._owner_index(device, positions)
-        f32 = torch.float32
+        # float32 accumulation whatever the parameter dtype (fp16/bf16 too); float64 gradients
+        # keep float64 (a narrowing dtype is refused by the norm kernels).
+        f32 = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         sq = torch.stack(torch._foreach_norm(grads, 2, dtype=f32)).square_()
         l1 = torch.stack(torch._foreach_norm(grads, 1, dtype=f32))
         mx = torch.stack(torch._foreach_norm(grads, math.inf, dtype=f32))
