@@ -82,33 +82,45 @@ class ActivationSampler:
         self.layers = list(layers)
         self.channel_first = set(channel_first or ())
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._act: dict[int, torch.Tensor] = {}
-        self._fwd: dict[int, torch.Tensor] = {}
-        self._bwd: dict[int, torch.Tensor] = {}
+        # captured values keyed by module name, so the layer order can change while armed
+        self._act: dict[str, torch.Tensor] = {}
+        self._fwd: dict[str, torch.Tensor] = {}
+        self._bwd: dict[str, torch.Tensor] = {}
         self.armed = False
         self.captured = False
+
+    def update(
+        self, activations: Sequence[tuple[str, nn.Module]], layers: Sequence[LayerInfo], channel_first: set[str]
+    ) -> None:
+        """Adopt a new order/set of modules (e.g. once forward order is known); re-arms if armed."""
+        was_armed = self.armed
+        self.disarm()
+        self.activations, self.layers, self.channel_first = list(activations), list(layers), set(channel_first)
+        if was_armed:
+            self.arm(keep=True)
 
     @property
     def n_values(self) -> int:
         return len(self.activations) * len(ACT_METRICS) + len(self.layers) * len(LAYER_SIGNAL_METRICS)
 
-    def arm(self) -> None:
-        """Attach hooks for the next forward pass only."""
+    def arm(self, keep: bool = False) -> None:
+        """Attach hooks for the next forward pass only (``keep``: keep values already captured)."""
         if self.armed:
             return
-        self._act.clear()
-        self._fwd.clear()
-        self._bwd.clear()
-        self.captured = False
-        for i, (name, module) in enumerate(self.activations):
+        if not keep:
+            self._act.clear()
+            self._fwd.clear()
+            self._bwd.clear()
+            self.captured = False
+        for name, module in self.activations:
             kind = activation_kind(module)
             if kind is None:
                 continue
-            self._handles.append(module.register_forward_hook(self._act_hook(i, name, kind)))
-        for i, layer in enumerate(self.layers):
+            self._handles.append(module.register_forward_hook(self._act_hook(name, kind)))
+        for layer in self.layers:
             if layer.module is self.model:
                 continue
-            self._handles.append(layer.module.register_forward_hook(self._layer_hook(i)))
+            self._handles.append(layer.module.register_forward_hook(self._layer_hook(layer.name)))
         self._handles.append(self.model.register_forward_hook(self._root_done))
         self.armed = True
 
@@ -122,11 +134,10 @@ class ActivationSampler:
         self.disarm()
         self.captured = True
 
-    def _act_hook(self, index: int, name: str, kind: str) -> Callable:
-        unit_dim_first = name in self.channel_first
-
+    def _act_hook(self, name: str, kind: str) -> Callable:
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            unit_dim_first = name in self.channel_first
             x, y = _first_tensor(args), _first_tensor(output)
             if x is None or y is None or x.numel() == 0 or not x.is_floating_point():
                 return
@@ -143,11 +154,11 @@ class ActivationSampler:
             else:
                 dead, samples = nan, nan
             sat = _saturated(kind, module, x.float(), y.float())
-            self._act[index] = torch.stack([dead.float(), (sat if sat is not None else nan).float(), samples.float()])
+            self._act[name] = torch.stack([dead.float(), (sat if sat is not None else nan).float(), samples.float()])
 
         return hook
 
-    def _layer_hook(self, index: int) -> Callable:
+    def _layer_hook(self, index: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             o = _first_tensor(output)
             if o is None or o.numel() == 0 or not (o.is_floating_point() or o.is_complex()):
@@ -171,9 +182,9 @@ class ActivationSampler:
         self.captured = False
         nan3 = torch.full((len(ACT_METRICS),), math.nan, device=device)
         nan1 = torch.tensor(math.nan, device=device)
-        parts = [self._act.get(i, nan3).to(device) for i in range(len(self.activations))]
-        fwd = [self._fwd.get(i, nan1).to(device) for i in range(len(self.layers))]
-        bwd = [self._bwd.get(i, nan1).to(device) for i in range(len(self.layers))]
+        parts = [self._act.get(name, nan3).to(device) for name, _ in self.activations]
+        fwd = [self._fwd.get(layer.name, nan1).to(device) for layer in self.layers]
+        bwd = [self._bwd.get(layer.name, nan1).to(device) for layer in self.layers]
         self._act.clear()
         self._fwd.clear()
         self._bwd.clear()

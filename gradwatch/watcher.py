@@ -220,12 +220,12 @@ class GradWatcher:
             ))
         self._acts = acts
         self._act_columns = self.history.register_activations([a for a, _ in acts], ameta)
-        was_armed = self._sampler is not None and self._sampler.armed
-        if self._sampler is not None:
-            self._sampler.disarm()
-        self._sampler = ActivationSampler(self.model, acts, self.layers, channel_first) if self.activations_enabled else None
-        if was_armed:
-            self._sampler_arm()
+        if not self.activations_enabled:
+            self._sampler = None
+        elif self._sampler is None:
+            self._sampler = ActivationSampler(self.model, acts, self.layers, channel_first)
+        else:
+            self._sampler.update(acts, self.layers, channel_first)
 
     def _on_first_forward(self, recorder: ForwardOrderRecorder) -> None:
         try:
@@ -262,7 +262,7 @@ class GradWatcher:
         self._step(loss=loss, global_step=global_step)
 
     def _step(self, loss: Any, global_step: int | None) -> None:
-        if self.closed:
+        if self.closed or self.error is not None:
             return
         call = self.calls
         self.calls += 1
