@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gradwatch demo $(ARGS)
+	$(BIN)/python examples/quickstart.py $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest $(ARGS)
