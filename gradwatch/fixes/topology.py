@@ -55,6 +55,7 @@ class Topology:
         containers = {name.rsplit(".", i)[0] for name in order for i in range(1, name.count(".") + 1)}
         self.order = [n for n in order if n not in containers or self._owns(n)]
         self._rank = {n: i for i, n in enumerate(self.order)}
+        self._ran = set(order) if self.observed else set()
         self.input_shapes: dict[str, list[int]] = dict(self.structure.get("input_shapes", {}))
         self.output_shapes: dict[str, list[int]] = dict(self.structure.get("output_shapes", {}))
 
@@ -63,7 +64,8 @@ class Topology:
         return module is not None and owns_parameters(module)
 
     def ran(self, name: str) -> bool:
-        return name in self._rank
+        """True when ``name`` (a leaf or a container) ran in the observed forward pass."""
+        return name in self._ran
 
     def is_param_layer(self, name: str) -> bool:
         """A module owning parameters that is not a normalisation layer."""

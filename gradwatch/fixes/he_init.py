@@ -1,0 +1,175 @@
+"""``he_init``: re-initialise the affected Linear/Conv layers for the activation they feed.
+
+Why: a layer whose weights are far above (exploding) or below (vanishing) the scale that keeps
+the signal's variance constant through its activation multiplies the problem at every layer.
+Kaiming/He (He et al. 2015) keeps the variance through ReLU-family activations
+(``std = gain / sqrt(fan_in)``, gain ``sqrt(2)``); Xavier/Glorot (Glorot & Bengio 2010) does so
+for tanh/sigmoid, used when such an activation is kept; a layer feeding no activation (an output
+layer) gets LeCun scale (gain 1). Biases are zeroed, which also revives ReLU units killed by a
+very negative bias. Re-initialising cannot cure a model whose trouble is a saturating activation
+it keeps: for that, ``swap_activation`` comes first and ``he_init`` follows it.
+
+Targets: ``finding.layers`` (vanishing / exploding), ``evidence["feeding_layers"]``
+(dead_units / saturation). In place: the same ``Parameter`` objects get new values
+(``with torch.no_grad(): p.copy_(...)``), so every reference (optimizer, hooks) stays valid;
+with an optimizer, the state of those parameters (Adam's moments, momentum) is reset,
+because moments of the old weights mean nothing for the new ones. Draws from torch's global RNG:
+seed it for reproducible (and, under DDP, identical) weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch.findings import Finding
+from gradwatch.fixes import optim as optim_mod
+from gradwatch.fixes import paths
+from gradwatch.fixes.base import Fix, FixContext, Plan, target_layers
+from gradwatch.fixes.record import Change
+from gradwatch.fixes.registry import register_fix
+
+INITIALISABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+NONLINEARITIES: tuple[str, ...] = ("auto", "relu", "leaky_relu", "tanh", "sigmoid", "linear")
+
+
+def _scheme(kind: str | None, negative_slope: float) -> tuple[str, dict[str, Any], float]:
+    """(init function, its kwargs, gain) for an activation kind."""
+    if kind == "relu":
+        return "kaiming_normal_", {"mode": "fan_in", "nonlinearity": "relu"}, math.sqrt(2.0)
+    if kind == "leaky":
+        gain = nn.init.calculate_gain("leaky_relu", negative_slope)
+        return "kaiming_normal_", {"a": negative_slope, "mode": "fan_in", "nonlinearity": "leaky_relu"}, gain
+    if kind in ("tanh", "hard"):
+        gain = nn.init.calculate_gain("tanh")
+        return "xavier_normal_", {"gain": gain}, gain
+    if kind == "sigmoid":
+        return "xavier_normal_", {"gain": 1.0}, 1.0
+    return "kaiming_normal_", {"mode": "fan_in", "nonlinearity": "linear"}, 1.0
+
+
+def _kwargs_code(kwargs: dict[str, Any]) -> str:
+    return "".join(f", {k}={v!r}" for k, v in kwargs.items())
+
+
+@register_fix
+class HeInit(Fix):
+    """Kaiming (ReLU family) or Xavier (tanh/sigmoid kept) re-initialisation, biases zeroed, in place.
+
+    Args:
+        nonlinearity: ``"auto"`` (default: from the activation each layer feeds in the observed
+            forward pass) or one of ``"relu" | "leaky_relu" | "tanh" | "sigmoid" | "linear"`` for all
+            targets.
+        negative_slope: LeakyReLU slope used for the gain when a layer feeds a LeakyReLU
+            (default: the module's own slope, else ``0.01``).
+
+    Raises:
+        ValueError: ``nonlinearity`` not among the choices above.
+    """
+
+    name = "he_init"
+    structural = False
+    kinds = ("vanishing", "exploding", "dead_units", "saturation")
+
+    def __init__(self, nonlinearity: str = "auto", negative_slope: float | None = None):
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"he_init: nonlinearity={nonlinearity!r}; allowed: {NONLINEARITIES}")
+        self.nonlinearity = nonlinearity
+        self.negative_slope = negative_slope
+
+    def options(self) -> dict[str, Any]:
+        return {"nonlinearity": self.nonlinearity, "negative_slope": self.negative_slope}
+
+    def _kind_for(self, ctx: FixContext, layer: str) -> tuple[str | None, str | None, float]:
+        """(activation kind, activation name, negative slope) the layer feeds."""
+        forced = {"relu": "relu", "leaky_relu": "leaky", "tanh": "tanh", "sigmoid": "sigmoid", "linear": None}
+        slope = self.negative_slope if self.negative_slope is not None else 0.01
+        if self.nonlinearity != "auto":
+            return forced[self.nonlinearity], None, slope
+        act = ctx.topology.following_activation(layer)
+        if act is None:
+            return None, None, slope
+        kind = ctx.activation_kind(act)
+        if kind == "leaky" and self.negative_slope is None:
+            module = ctx.current_module(act) or ctx.modules[act]
+            slope = float(getattr(module, "negative_slope", 0.01))
+        return kind, act, slope
+
+    def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
+        plan = Plan()
+        if finding.kind not in self.kinds:
+            plan.reason = f"he_init treats {self.kinds} findings, not {finding.kind!r}"
+            return plan
+        names = list(targets) if targets is not None else target_layers(finding)
+        layers: dict[str, Any] = {}
+        for name in names:
+            module = ctx.modules.get(name)
+            if module is None:
+                plan.refused[name] = "no module of that name in the model"
+            elif (self.name, name) in ctx.done:
+                plan.refused[name] = "already re-initialised by an earlier fix"
+            elif isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+                plan.refused[name] = "lazy module not initialised yet"
+            elif not isinstance(module, INITIALISABLE):
+                plan.refused[name] = (
+                    f"{type(module).__name__} is not a Linear/Conv layer; he_init leaves it alone "
+                    "(recurrent layers: lstm_gru; norm layers keep their init)"
+                )
+            else:
+                kind, act, slope = self._kind_for(ctx, name)
+                fn, kwargs, gain = _scheme(kind, slope)
+                weight = module.weight
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+                std = gain / math.sqrt(fan_in) if fn == "kaiming_normal_" else gain * math.sqrt(2.0 / (fan_in + fan_out))
+                plan.targets.append(name)
+                layers[name] = {
+                    "init": fn.rstrip("_"),
+                    "kwargs": kwargs,
+                    "feeds": act,
+                    "activation": kind or "none",
+                    "target_std": std,
+                    "std_before": float(weight.detach().float().std()) if weight.numel() > 1 else 0.0,
+                }
+                where = paths.expr(ctx.path(name), ctx.model)
+                plan.code.append(f"nn.init.{fn}({where}.weight{_kwargs_code(kwargs)})")
+                if getattr(module, "bias", None) is not None:
+                    plan.code.append(f"nn.init.zeros_({where}.bias)")
+        plan.details = {"layers": layers}
+        if not plan.targets:
+            plan.reason = "no Linear/Conv layer to re-initialise: " + (
+                "; ".join(f"{n}: {r}" for n, r in plan.refused.items()) or "the finding names no layers"
+            )
+            return plan
+        plan.imports = ["from torch import nn"]
+        schemes = sorted({f"{v['init']} for {v['activation']}" for v in layers.values()})
+        plan.reason = (
+            f"re-initialise at the scale that keeps the signal's variance through each layer's activation "
+            f"({', '.join(schemes)}); biases zeroed"
+        )
+        return plan
+
+    @torch.no_grad()
+    def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
+        params: list[torch.Tensor] = []
+        for name in plan.targets:
+            module = ctx.current_module(name)
+            if module is None:  # pragma: no cover - plan checked it exists
+                raise LookupError(f"he_init: {name!r} vanished from the model")
+            info = plan.details["layers"][name]
+            fresh = torch.empty_like(module.weight)
+            getattr(nn.init, info["init"] + "_")(fresh, **info["kwargs"])
+            module.weight.copy_(fresh)
+            params.append(module.weight)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+                params.append(module.bias)
+            info["std_after"] = float(module.weight.float().std()) if module.weight.numel() > 1 else 0.0
+        if ctx.optimizer is not None:
+            reset = optim_mod.reset_state(ctx.optimizer, params)
+            change.optimizer = f"state reset for {reset} of {len(params)} re-initialised parameters (same objects)"
+        else:
+            change.optimizer = "n/a: same parameter objects; no optimizer given (if it has state for them, reset it)"

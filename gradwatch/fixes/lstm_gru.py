@@ -1,0 +1,113 @@
+"""``lstm_gru``: replace a vanilla ``nn.RNN`` by a gated ``nn.GRU`` or LSTM with the same sizes and flags.
+
+Why: a vanilla RNN's gradient through time is a product of one Jacobian per step, so it
+vanishes (or explodes) geometrically with sequence length; gated cells carry their state
+through an additive path controlled by learnt gates (Hochreiter & Schmidhuber 1997; Cho et al.
+2014), so the gradient survives long sequences.
+
+Targets: the ``nn.RNN`` layers among ``finding.layers`` (exactly ``nn.RNN``; LSTM/GRU or custom
+cells are refused, naming their class). The replacement has ``input_size``, ``hidden_size``,
+``num_layers``, ``bias``, ``batch_first``, ``dropout`` and ``bidirectional`` of the original and
+the same device and dtype; ``nonlinearity`` has no counterpart. **Its weights are new** (gates
+have 3x/4x the weights; nothing of the RNN's can be carried over), so the record lists the old
+parameters as removed and the new ones as added, and the optimizer is updated accordingly.
+
+``to="gru"`` (the default) is a true drop-in: ``nn.GRU`` has ``nn.RNN``'s call signature and
+returns ``(output, h_n)``, even when a hidden state is carried across calls. ``to="lstm"`` uses
+:class:`~gradwatch.fixes.modules.LSTMAsRNN`, an ``nn.LSTM`` subclass that accepts ``h_0`` and returns
+``(output, h_n)`` so call sites keep working; its forget-gate bias starts at 1, and its cell
+state does not survive between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from gradwatch.findings import Finding
+from gradwatch.fixes import ops
+from gradwatch.fixes.base import Fix, FixContext, Plan
+from gradwatch.fixes.registry import register_fix
+
+TARGETS: tuple[str, ...] = ("gru", "lstm")
+
+
+def rnn_config(module: nn.RNN) -> dict[str, Any]:
+    """The constructor arguments of ``module`` that a GRU/LSTM shares."""
+    return {
+        "input_size": int(module.input_size),
+        "hidden_size": int(module.hidden_size),
+        "num_layers": int(module.num_layers),
+        "bias": bool(module.bias),
+        "batch_first": bool(module.batch_first),
+        "dropout": float(module.dropout),
+        "bidirectional": bool(module.bidirectional),
+    }
+
+
+@register_fix
+class LstmGru(Fix):
+    """Swap ``nn.RNN`` layers for ``nn.GRU`` (default) or an RNN-compatible LSTM.
+
+    Args:
+        to: ``"gru"`` (default, true drop-in) or ``"lstm"``.
+        forget_bias: initial forget-gate bias for ``"lstm"`` (default ``1.0``; ``None``: PyTorch's).
+
+    Raises:
+        ValueError: ``to`` not among the choices above.
+    """
+
+    name = "lstm_gru"
+    structural = True
+    kinds = ("vanishing", "exploding")
+
+    def __init__(self, to: str = "gru", forget_bias: float | None = 1.0):
+        if to not in TARGETS:
+            raise ValueError(f"lstm_gru: to={to!r}; allowed: {TARGETS}")
+        self.to = to
+        self.forget_bias = forget_bias
+
+    def options(self) -> dict[str, Any]:
+        return {"to": self.to, "forget_bias": self.forget_bias}
+
+    def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
+        plan = Plan()
+        if finding.kind not in self.kinds:
+            plan.reason = f"lstm_gru treats {self.kinds} findings, not {finding.kind!r}"
+            return plan
+        for name in list(targets) if targets is not None else list(finding.layers):
+            module = ctx.modules.get(name)
+            if module is None:
+                plan.refused[name] = "no module of that name in the model"
+            elif (self.name, name) in ctx.done:
+                plan.refused[name] = "already replaced by an earlier fix"
+            elif type(module) is not nn.RNN:
+                plan.refused[name] = f"{type(module).__name__} is not an nn.RNN (only vanilla RNNs are swapped)"
+            else:
+                plan.targets.append(name)
+                plan.ops.append(
+                    {
+                        "op": "swap_rnn",
+                        "path": ctx.path(name),
+                        "to": self.to,
+                        "config": rnn_config(module),
+                        "forget_bias": self.forget_bias if self.to == "lstm" else None,
+                    }
+                )
+        new = "nn.GRU" if self.to == "gru" else "LSTMAsRNN (an nn.LSTM returning (output, h_n))"
+        plan.details = {"to": self.to, "new_weights": True}
+        if not plan.targets:
+            plan.reason = "no nn.RNN to replace: " + (
+                "; ".join(f"{n}: {r}" for n, r in plan.refused.items()) or "the finding names no layers"
+            )
+            return plan
+        plan.code = [line for op in plan.ops for line in ops.code(op, ctx.model)]
+        plan.code.append("# new weights: the replacement starts untrained; rebuild or update the optimizer")
+        plan.imports = list(dict.fromkeys(line for op in plan.ops for line in ops.imports(op)))
+        plan.reason = (
+            f"nn.RNN -> {new} with the same sizes and flags (new weights): gated cells keep the gradient alive "
+            "over long sequences"
+        )
+        return plan
