@@ -48,10 +48,14 @@ class StepStats:
     nonfinite_layers: list[int]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` held by this process: the local shard of a DTensor (FSDP2), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _as_real_dense(g: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(g, "to_local", None)  # DTensor shard (FSDP2): statistics of the local shard
-    if callable(to_local):
-        g = to_local()
+    g = _local(g)  # DTensor shard (FSDP2): statistics of the local shard
     if g.layout != torch.strided:
         g = g.coalesce().values() if g.is_sparse else g.to_dense()
     if g.is_complex():
@@ -73,7 +77,7 @@ class GradientCollector:
         self.params: list[torch.nn.Parameter] = [p for layer in self.layers for p in layer.params]
         owner = [i for i, layer in enumerate(self.layers) for _ in layer.params]
         self._owner = owner
-        self._numel = [p.numel() for p in self.params]
+        self._numel = [_local(p).numel() for p in self.params]  # local shard (reduced across ranks)
         self._index_cache: dict[tuple[torch.device, tuple[int, ...] | None], torch.Tensor] = {}
         self._last_weight_norm = torch.full((len(self.layers),), math.nan, dtype=torch.float64)
         self._snapshot: list[torch.Tensor] | None = None
@@ -125,7 +129,7 @@ class GradientCollector:
             wsq = torch.stack(torch._foreach_norm(params, 2, dtype=f32)).square_()
             out[_WSUMSQ].index_add_(0, idx, wsq)
         if snapshot is not None:
-            current = [self.params[i].detach() for i in positions]
+            current = [_local(self.params[i].detach()) for i in positions]
             before = [snapshot[i] for i in positions]
             diff = torch._foreach_sub(current, before)
             out[_DSQ].index_add_(0, idx, torch.stack(torch._foreach_norm(diff, 2, dtype=f32)).square_())
@@ -159,7 +163,7 @@ class GradientCollector:
         self._had_snapshot = snapshot is not None
         if slow and self.track_updates:
             with torch.no_grad():
-                self._snapshot = [p.detach().clone() for p in self.params]
+                self._snapshot = [_local(p.detach()).clone() for p in self.params]
         return partials
 
     def _usable_snapshot(self) -> list[torch.Tensor] | None:
@@ -167,6 +171,7 @@ class GradientCollector:
         if snap is None or len(snap) != len(self.params):
             return None
         for s, p in zip(snap, self.params, strict=True):
+            p = _local(p)
             if s.shape != p.shape or s.device != p.device or s.dtype != p.dtype:
                 return None
         return snap
@@ -242,18 +247,41 @@ class GradientCollector:
                 rows[_ZEROS, li] = zeros
 
 
-def reduce_sharded_rows(rows: torch.Tensor, group: object = None) -> torch.Tensor:
+_SUM_ROWS = [_SUMSQ, _L1, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ]
+
+
+def reduce_sharded_rows(rows: torch.Tensor, group: object = None, replicas: torch.Tensor | None = None) -> torch.Tensor:
     """All-reduce statistic rows of sharded parameters: sums add up (sum of squares, L1, counts),
-    maxima take the max. Every rank must call it at the same step (it is a collective)."""
+    maxima take the max. Every rank must call it at the same step (it is a collective).
+
+    Args:
+        rows: the ``(rows, layers)`` statistics of this rank's shards.
+        group: the process group to reduce over (default: the whole world).
+        replicas: optional per-layer count of ranks in ``group`` holding a copy of the same elements
+            (1 for a layer sharded across all of them, the group size for a replicated one); the
+            summed rows are divided by it so replicated layers are not counted several times.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return rows
-    sums = rows[[_SUMSQ, _L1, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ]].contiguous()
+    sums = rows[_SUM_ROWS].contiguous()
     mx = rows[_MAX].contiguous()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    if replicas is not None:
+        sums = sums / replicas.to(device=sums.device, dtype=sums.dtype)
     out = rows.clone()
-    out[[_SUMSQ, _L1, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ]] = sums
+    out[_SUM_ROWS] = sums
     out[_MAX] = mx
+    return out
+
+
+def scale_rows(rows: torch.Tensor, factor: float) -> torch.Tensor:
+    """Statistic rows of gradients multiplied by ``factor`` (e.g. ``1 / loss_scale`` for gradients that
+    are still scaled by an AMP ``GradScaler``): norms and |g| scale linearly, sums of squares
+    quadratically; counts and weight rows are unchanged."""
+    out = rows.clone()
+    out[_SUMSQ] *= factor * factor
+    out[[_L1, _MAX]] *= factor
     return out

@@ -45,6 +45,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+#: Attributes through which wrappers hold the wrapped module (``torch.compile``, FSDP, activation
+#: checkpointing): they add a path segment but no layer, so names leave them out.
+WRAPPER_SEGMENTS: tuple[str, ...] = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def clean_name(name: str) -> str:
+    """A qualified module name without wrapper segments: ``"net._orig_mod.0"`` -> ``"net.0"``."""
+    if not any(seg in name for seg in WRAPPER_SEGMENTS):
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` with wrapper segments left out of the names (see ``clean_name``).
+
+    A wrapper and the module it wraps then share a name; both are listed, the wrapper first.
+    """
+    return [(clean_name(name), module) for name, module in model.named_modules()]
+
+
 def activation_kind(module: nn.Module) -> str | None:
     """``"sigmoid" | "tanh" | "hard" | "relu" | "leaky"`` for activation modules, else ``None``."""
     if isinstance(module, nn.Sigmoid | nn.Hardsigmoid):
@@ -100,7 +120,7 @@ def discover_layers(model: nn.Module) -> list[LayerInfo]:
     """All modules owning trainable-or-frozen parameters directly, in registration order."""
     seen: set[int] = set()
     layers: list[LayerInfo] = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         params, names = [], []
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:
@@ -126,7 +146,7 @@ def discover_layers(model: nn.Module) -> list[LayerInfo]:
 
 def discover_activations(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Activation modules (by class) with their qualified names, in registration order."""
-    return [(name or ROOT_NAME, m) for name, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES)]
+    return [(name or ROOT_NAME, m) for name, m in named_modules(model) if isinstance(m, ACTIVATION_TYPES)]
 
 
 class ForwardOrderRecorder:
@@ -144,7 +164,7 @@ class ForwardOrderRecorder:
         self.done = False
         self._on_done = on_done
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if module is model:
                 continue
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
@@ -202,7 +222,7 @@ def depth_order(layers: list[LayerInfo], forward_order: list[str] | None) -> lis
 
 def structure_from_recorder(model: nn.Module, recorder: ForwardOrderRecorder) -> dict:
     """Plain-data description of one observed forward pass (see ``Diagnosis.structure``)."""
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))  # for a wrapper and its wrapped module the inner one wins
     types = {(n or ROOT_NAME): type(m).__name__ for n, m in modules.items()}
     layer_names = {layer.name for layer in discover_layers(model)}
     activations: dict[str, str | None] = {}

@@ -361,6 +361,32 @@ class GradWatcher:
         """Call ``fn(watcher, step)`` after each collected step (used by auto-fix and integrations)."""
         self._step_callbacks.append(fn)
 
+    # -- integration hooks (training frameworks) -------------------------------------------------
+    def forward_done(self) -> None:
+        """Mark the end of a forward pass in which the watched model's own ``forward`` was not called.
+
+        The one-shot hooks that record the forward order and sample activations end when the model's
+        ``forward`` returns. A framework that runs submodules without calling it (a LightningModule
+        whose ``training_step`` calls ``self.net(x)``) calls this once the forward pass is over
+        (before backward) instead. A no-op when nothing is pending.
+        """
+        if self.closed:
+            return
+        recorder = self._recorder
+        if recorder is not None and not recorder.done and recorder.order:
+            recorder._root_done(self.model, (), None)
+        if self._sampler is not None and self._sampler.armed:
+            self._sampler._root_done(self.model, (), None)
+
+    def note_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Tell the diagnosis which optimizer(s) update the model, without hooking them (the caller
+        collects). Adam-like optimizers are invariant to gradient scale, which changes the fixes."""
+        names = [type(opt).__name__ for opt in optimizers]
+        self.history.context["optimizer"] = ", ".join(dict.fromkeys(names)) if names else None
+        self.history.context["optimizer_scale_invariant"] = (
+            all(n in _SCALE_INVARIANT_OPTIMIZERS for n in names) if names else None
+        )
+
     def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
         """Diagnose the most recent ``thresholds.window`` collected steps."""
         th = thresholds or self.thresholds
