@@ -18,6 +18,12 @@ Per parameter layer (its first tensor output ``o``):
 - ``act_rms``: RMS of ``o`` (forward signal size across depth),
 - ``out_grad_rms``: RMS of ``dL/do`` (backward signal size across depth), via a hook on that one
   output tensor, which lives only as long as the step's autograd graph.
+- ``time_decay_decades`` (recurrent layers only): how many orders of magnitude the gradient with
+  respect to the layer's *input* at the first time steps is below the one at the last time steps.
+  A recurrent weight's gradient is a sum over time steps, so it cannot show vanishing *through
+  time*; ``dL/dx_t`` carries every path from the loss back to step ``t`` and can. When the input
+  does not require grad (raw data), the sampled step feeds the RNN ``x.detach().requires_grad_()``
+  instead: same values, same forward, same parameter gradients, one extra input gradient.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 from gradwatch.layers import LayerInfo, activation_kind
 
 ACT_METRICS: tuple[str, ...] = ("dead_frac", "saturated_frac", "unit_samples")
-LAYER_SIGNAL_METRICS: tuple[str, ...] = ("act_rms", "out_grad_rms")
+LAYER_SIGNAL_METRICS: tuple[str, ...] = ("act_rms", "out_grad_rms", "time_decay_decades")
 
 _CHANNEL_FIRST = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm", "MaxPool", "AvgPool")
 
@@ -86,6 +92,7 @@ class ActivationSampler:
         self._act: dict[str, torch.Tensor] = {}
         self._fwd: dict[str, torch.Tensor] = {}
         self._bwd: dict[str, torch.Tensor] = {}
+        self._time: dict[str, torch.Tensor] = {}
         self.armed = False
         self.captured = False
 
@@ -111,6 +118,7 @@ class ActivationSampler:
             self._act.clear()
             self._fwd.clear()
             self._bwd.clear()
+            self._time.clear()
             self.captured = False
         for name, module in self.activations:
             kind = activation_kind(module)
@@ -121,6 +129,8 @@ class ActivationSampler:
             if layer.module is self.model:
                 continue
             self._handles.append(layer.module.register_forward_hook(self._layer_hook(layer.name)))
+            if isinstance(layer.module, nn.RNNBase):
+                self._handles.append(layer.module.register_forward_pre_hook(self._time_hook(layer.name, layer.module)))
         self._handles.append(self.model.register_forward_hook(self._root_done))
         self.armed = True
 
@@ -175,6 +185,36 @@ class ActivationSampler:
 
         return hook
 
+    def _time_hook(self, name: str, module: nn.RNNBase) -> Callable:
+        def pre_hook(mod: nn.Module, args: tuple) -> tuple | None:
+            if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
+                return None
+            x = args[0]
+            if x.dim() < 2 or x.numel() == 0 or not x.is_floating_point():
+                return None
+            time_dim = 0 if x.dim() == 2 or not module.batch_first else 1
+            replaced = None
+            if not x.requires_grad:
+                replaced = x.detach().requires_grad_(True)
+                x = replaced
+
+            def grad_hook(g: torch.Tensor) -> None:
+                with torch.no_grad():
+                    dims = [d for d in range(g.dim()) if d != time_dim]
+                    per_t = g.detach().float().square().sum(dim=dims).sqrt()
+                    t = per_t.numel()
+                    k = max(1, t // 10)
+                    early = per_t[:k].median().clamp_min(1e-38)
+                    late = per_t[-k:].median()
+                    value = torch.log10(late.clamp_min(1e-38) / early)
+                    # no gradient at all reaching the last steps: nothing to compare
+                    self._time[name] = torch.where(late > 0, value, torch.full_like(value, math.nan))
+
+            x.register_hook(grad_hook)
+            return (replaced, *args[1:]) if replaced is not None else None
+
+        return pre_hook
+
     def gather(self, device: torch.device) -> torch.Tensor | None:
         """Flat float32 tensor of all sampled values on ``device`` (NaN where nothing was seen)."""
         if not self.captured:
@@ -185,14 +225,16 @@ class ActivationSampler:
         parts = [self._act.get(name, nan3).to(device) for name, _ in self.activations]
         fwd = [self._fwd.get(layer.name, nan1).to(device) for layer in self.layers]
         bwd = [self._bwd.get(layer.name, nan1).to(device) for layer in self.layers]
+        tim = [self._time.get(layer.name, nan1).to(device) for layer in self.layers]
         self._act.clear()
         self._fwd.clear()
         self._bwd.clear()
+        self._time.clear()
         flat = []
         if parts:
             flat.append(torch.stack(parts).reshape(-1))
         if fwd:
-            flat.append(torch.stack([torch.stack(fwd), torch.stack(bwd)], dim=1).reshape(-1))
+            flat.append(torch.stack([torch.stack(fwd), torch.stack(bwd), torch.stack(tim)], dim=1).reshape(-1))
         return torch.cat(flat) if flat else torch.zeros(0, device=device)
 
     def split(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -266,3 +266,46 @@ def test_compiled_module_names_have_no_prefix() -> None:
     compiled = torch.compile(model)
     with gradwatch.watch(compiled) as w:
         assert [layer.name for layer in w.layers] == ["0", "2", "4"]
+
+
+class _SeqClassifier(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(1, 16, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_vanishing_through_time_in_a_plain_rnn_recommends_lstm_gru() -> None:
+    model = _SeqClassifier(nn.RNN)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with gradwatch.watch(model, optimizer=opt, activation_every_n_steps=5, on_error="raise") as w:
+        for _ in range(15):
+            x = torch.randn(16, 60, 1, generator=g)
+            F.cross_entropy(model(x), (x[:, 0, 0] > 0).long()).backward()
+            opt.step()
+            opt.zero_grad()
+        diag = w.diagnose()
+    (f,) = diag.by_kind("vanishing")
+    assert f.layers == ("rnn",) and f.fixes == ("lstm_gru",) and f.evidence["decades"] > 3
+    assert "first time steps" in f.message
+
+
+def test_sampling_the_rnn_input_gradient_does_not_change_parameter_gradients() -> None:
+    x = torch.randn(4, 20, 1)
+
+    def grads(watched: bool) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        model = _SeqClassifier(nn.GRU)
+        w = gradwatch.watch(model, activation_every_n_steps=1, on_error="raise") if watched else None
+        model(x).sum().backward()
+        if w is not None:
+            w.step()
+            assert w.to_dataframe().query("metric == 'time_decay_decades'").value.notna().any()
+            w.close()
+        return [p.grad.clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(False), grads(True), strict=True))
