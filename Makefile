@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/pytest $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check gradwatch integrations tests examples benchmarks
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py $(ARGS)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> gradwatch.Diagnosis:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     watcher = gradwatch.watch(model, log_dir=args.logdir)           # 1. watch
-    for step in range(args.steps):
+    for _ in range(args.steps):
         idx = torch.randint(0, len(x), (64,))
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()

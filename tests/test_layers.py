@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradwatch.layers import ROOT_NAME, ForwardOrderRecorder, depth_order, discover_layers, observe_structure, unwrap_model
+from gradwatch.layers import (
+    ROOT_NAME,
+    ForwardOrderRecorder,
+    depth_order,
+    discover_layers,
+    observe_structure,
+    unwrap_model,
+)
 
 
 class Reordered(nn.Module):

@@ -8,7 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from gw_testing import PreLNTransformer, SmallResNet, image_task, mlp, scale_init, token_task, train, vector_task
+from gw_testing import (
+    PreLNTransformer,
+    SmallResNet,
+    image_task,
+    mlp,
+    scale_init,
+    token_task,
+    train,
+    vector_task,
+)
 from torch import nn
 
 import gradwatch
