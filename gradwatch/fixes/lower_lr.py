@@ -57,7 +57,7 @@ class LowerLR(Fix):
 
     name = "lower_lr"
     structural = False
-    kinds = ("exploding", "nonfinite")
+    kinds = ("exploding", "nonfinite", "dead_units")
 
     def __init__(self, factor: float | None = None):
         if factor is not None and not 0.0 < float(factor) < 1.0:
@@ -79,9 +79,14 @@ class LowerLR(Fix):
             lrs = [g.get("lr") for g in ctx.optimizer.param_groups]
             plan.details["current_lr"] = [float(lr) if lr is not None else None for lr in lrs]
             plan.details["suggested_lr"] = [float(lr) * factor if lr is not None else None for lr in lrs]
+        why = (
+            "large steps push ReLU units into the region where they never fire again"
+            if finding.kind == "dead_units"
+            else "steps far larger than the weights they update make training unstable"
+        )
         plan.reason = (
-            f"multiply the learning rate by {factor:g} ({source}): steps far larger than the weights they update "
-            "make training unstable; gradwatch does not change the learning rate itself"
+            f"multiply the learning rate by {factor:g} ({source}): {why}; gradwatch does not change the learning "
+            "rate itself"
         )
         plan.code = [
             "for group in optimizer.param_groups:  # or lower the lr you pass to the optimizer / scheduler",
