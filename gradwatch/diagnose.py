@@ -77,8 +77,15 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float((rx * ry).sum() / denom) if denom > 0 else 0.0
 
 
+def _decay_once(vals: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
+    q = max(1, len(vals) // 4)
+    late = float(np.median(vals[-q:]))
+    early = float(np.median(vals[:q]))
+    return late - early, _spearman(idx.astype(float), vals), late
+
+
 def depth_decay(logs: np.ndarray, min_layers: int) -> tuple[float, float, np.ndarray] | None:
-    """How many decades the early layers sit below the late ones.
+    """How many decades the early layers sit below the late ones, robust to one odd layer at either end.
 
     Args:
         logs: log10 values per layer in depth order (NaN = no data).
@@ -87,16 +94,22 @@ def depth_decay(logs: np.ndarray, min_layers: int) -> tuple[float, float, np.nda
     Returns:
         ``(decades, rank_correlation, late_reference)`` or ``None`` without enough layers, where
         ``decades`` = median of the last quarter (at least one layer) minus median of the first
-        quarter, and the rank correlation is between depth and value.
+        quarter, and the rank correlation is between depth and value. Decay across depth is a
+        trend over many layers: the result is the weakest of the profile as is, without its last
+        layer and without its first (a classifier head with near-zero init, or one odd input
+        projection, is one jump, not a decay), so no finding hinges on a single layer.
     """
     idx = np.flatnonzero(np.isfinite(logs))
     if len(idx) < min_layers:
         return None
     vals = logs[idx]
-    q = max(1, len(vals) // 4)
-    late = float(np.median(vals[-q:]))
-    early = float(np.median(vals[:q]))
-    return late - early, _spearman(idx.astype(float), vals), np.array(late)
+    variants = [_decay_once(vals, idx)]
+    if len(idx) > min_layers:
+        variants.append(_decay_once(vals[:-1], idx[:-1]))
+        variants.append(_decay_once(vals[1:], idx[1:]))
+    decades = min(v[0] for v in variants)
+    rho = min(v[1] for v in variants)
+    return decades, rho, np.array(variants[0][2])
 
 
 def _per_step_decay(logs: np.ndarray, min_layers: int, decades: float, min_rho: float, sign: float = 1.0) -> np.ndarray:

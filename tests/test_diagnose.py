@@ -77,7 +77,7 @@ def test_decay_across_depth_is_vanishing_naming_early_layers_first() -> None:
     (f,) = d.by_kind("vanishing")
     assert f.layers[0] == "l0" and "l9" not in f.layers
     assert f.severity == "critical"
-    assert f.evidence["decades"] == pytest.approx(6.0 * 7 / 9, abs=0.7)
+    assert 4.0 < f.evidence["decades"] < 6.0
     assert "clip_gradients" not in f.fixes
 
 
@@ -254,3 +254,9 @@ def test_finding_validates_kind_and_fix_names() -> None:
         Finding(kind="slow", layers=(), severity="warning", message="")
     with pytest.raises(ValueError, match="unknown fix"):
         Finding(kind="vanishing", layers=(), severity="warning", message="", fixes=("magic",))
+
+
+def test_one_jump_at_the_head_is_not_a_decay_across_depth() -> None:
+    # a classifier head initialised near zero has a huge grad-to-weight ratio: one jump, not a trend
+    profile = [0.01] * 9 + [100.0]
+    assert "vanishing" not in diagnose(view(profile, noise=0.05)).kinds()
