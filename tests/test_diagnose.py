@@ -73,11 +73,11 @@ def decaying(n: int, decades: float, top: float = 0.05) -> list[float]:
 
 # -- vanishing ---------------------------------------------------------------------------------
 def test_decay_across_depth_is_vanishing_naming_early_layers_first() -> None:
-    d = diagnose(view(decaying(10, 6.0)))
+    d = diagnose(view(decaying(10, 8.0)))
     (f,) = d.by_kind("vanishing")
     assert f.layers[0] == "l0" and "l9" not in f.layers
     assert f.severity == "critical"
-    assert 4.0 < f.evidence["decades"] < 6.0
+    assert 5.0 < f.evidence["decades"] < 8.0
     assert "clip_gradients" not in f.fixes
 
 
