@@ -1,0 +1,122 @@
+"""Small LightningModules for the integration tests (also imported by the multi-process scripts)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "cpu",
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+
+def dataset(n: int = 64, din: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, din, generator=g)
+    return TensorDataset(x, (x @ torch.randn(din, classes, generator=g)).argmax(dim=1))
+
+
+class LitMLP(L.LightningModule):
+    """A small MLP classifier.
+
+    Args:
+        act: activation class between the linear layers.
+        depth: number of Linear layers.
+        call_root: ``training_step`` calls ``self(x)`` (else ``self.net(x)``: the root forward never runs).
+        nan_at_batch: from this batch index on the loss is multiplied by NaN.
+        record_reference: keep float64 per-layer gradient norms computed in ``on_before_optimizer_step``.
+    """
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU, depth: int = 3, width: int = 16, din: int = 8,
+                 classes: int = 3, lr: float = 0.1, call_root: bool = True, nan_at_batch: int | None = None,
+                 batch_size: int = 8, n: int = 64, record_reference: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers.append(nn.Linear(din if i == 0 else width, classes if i == depth - 1 else width))
+            if i < depth - 1:
+                layers.append(act())
+        self.net = nn.Sequential(*layers)
+        self.lr, self.call_root, self.nan_at_batch = lr, call_root, nan_at_batch
+        self.batch_size, self.n = batch_size, n
+        self.record_reference = record_reference
+        self.reference: dict[int, dict[str, float]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x) if self.call_root else self.net(x)
+        loss = F.cross_entropy(out, y)
+        if self.nan_at_batch is not None and batch_idx >= self.nan_at_batch:
+            loss = loss * math.nan
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.record_reference:
+            self.reference[self.global_step] = layer_norms(self)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(dataset(self.n), batch_size=self.batch_size)
+
+
+def layer_norms(module: nn.Module) -> dict[str, float]:
+    """Brute-force float64 gradient L2 norm per layer (full tensors, gathered if sharded)."""
+    out: dict[str, float] = {}
+    for name, sub in module.named_modules():
+        sq = 0.0
+        seen = False
+        for p in sub.parameters(recurse=False):
+            if p.grad is None:
+                continue
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            sq += float(g.detach().double().square().sum())
+            seen = True
+        if seen:
+            out[name.replace("._orig_mod", "")] = math.sqrt(sq)
+    return out
+
+
+class LitTwoOptimizers(L.LightningModule):
+    """Manual optimization with two optimizers stepping one after the other in each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.first = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.second = nn.Sequential(nn.Linear(8, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        self.toggle_optimizer(opt_a)
+        loss_a = F.cross_entropy(self.second(self.first(x)), y)
+        self.manual_backward(loss_a)
+        opt_a.step()
+        opt_a.zero_grad()
+        self.untoggle_optimizer(opt_a)
+        self.toggle_optimizer(opt_b)
+        loss_b = F.cross_entropy(self.second(self.first(x).detach()), y)
+        self.manual_backward(loss_b)
+        opt_b.step()
+        opt_b.zero_grad()
+        self.untoggle_optimizer(opt_b)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.Adam(self.second.parameters(), lr=1e-3)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(dataset(32), batch_size=8)
