@@ -64,7 +64,7 @@ class LitMLP(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         if self.record_reference:
-            self.reference[self.global_step] = layer_norms(self)
+            self.reference[self.global_step] = layer_stats(self)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -73,21 +73,45 @@ class LitMLP(L.LightningModule):
         return DataLoader(dataset(self.n), batch_size=self.batch_size)
 
 
-def layer_norms(module: nn.Module) -> dict[str, float]:
-    """Brute-force float64 gradient L2 norm per layer (full tensors, gathered if sharded)."""
-    out: dict[str, float] = {}
+def layer_stats(module: nn.Module) -> dict[str, dict[str, float]]:
+    """Brute-force float64 statistics per layer from full tensors (gathered first if sharded).
+
+    ``{layer: {"grad_norm", "grad_mean_abs", "grad_max_abs", "weight_norm"}}``; a collective for
+    sharded parameters, so every rank must call it.
+    """
+    out: dict[str, dict[str, float]] = {}
     for name, sub in module.named_modules():
-        sq = 0.0
-        seen = False
+        sq = l1 = mx = wsq = 0.0
+        numel = 0
         for p in sub.parameters(recurse=False):
             if p.grad is None:
                 continue
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            sq += float(g.detach().double().square().sum())
-            seen = True
-        if seen:
-            out[name.replace("._orig_mod", "")] = math.sqrt(sq)
+            w = p.full_tensor() if hasattr(p, "full_tensor") else p
+            g, w = g.detach().double(), w.detach().double()
+            sq += float(g.square().sum())
+            l1 += float(g.abs().sum())
+            mx = max(mx, float(g.abs().max()))
+            wsq += float(w.square().sum())
+            numel += g.numel()
+        if numel:
+            out[name.replace("._orig_mod", "")] = {
+                "grad_norm": math.sqrt(sq), "grad_mean_abs": l1 / numel, "grad_max_abs": mx, "weight_norm": math.sqrt(wsq),
+            }
     return out
+
+
+class LitShardedMLP(LitMLP):
+    """``LitMLP`` sharded with FSDP2 (``fully_shard``) over the data-parallel mesh of ``ModelParallelStrategy``."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
 
 
 class LitTwoOptimizers(L.LightningModule):

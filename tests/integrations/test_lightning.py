@@ -90,8 +90,8 @@ def test_accumulation_collects_once_per_optimizer_step_before_clipping(tmp_path:
     assert list(norms.index) == [0, 1, 2, 3] == sorted(model.reference)  # 2 epochs x 8 batches / 4
     assert callback.watcher is not None and callback.watcher.calls == 4
     for step, ref in model.reference.items():  # the accumulated, not yet clipped gradients
-        for layer, value in ref.items():
-            assert norms.loc[step, layer] == pytest.approx(value, rel=1e-5)
+        for layer, stats in ref.items():
+            assert norms.loc[step, layer] == pytest.approx(stats["grad_norm"], rel=1e-5)
     total = callback.to_dataframe().query("layer == '(total)' and metric == 'grad_norm'")["value"]
     assert (total > 1e-3).all()  # clipping to 1e-4 happened after the statistics were read
 

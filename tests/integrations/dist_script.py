@@ -1,0 +1,50 @@
+"""Two-process Lightning run for the distributed tests: ``python dist_script.py {ddp,fsdp2} OUT_DIR``.
+
+Run by ``test_lightning_distributed.py`` in a subprocess (Lightning's DDP launcher re-runs this
+script for rank 1). Each rank writes what it recorded to ``OUT_DIR/rank{r}.csv`` and
+``OUT_DIR/rank{r}.json`` (the float64 reference statistics from full tensors, the diagnosis).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from gradwatch.integrations.lightning import GradWatchCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lit_models import TRAINER_DEFAULTS, LitMLP, LitShardedMLP
+
+
+def main(mode: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    if mode == "ddp":
+        model: LitMLP = LitMLP(record_reference=True, n=64, batch_size=8)
+        strategy: object = "ddp"
+    else:
+        model = LitShardedMLP(record_reference=True, n=64, batch_size=8, width=15)  # odd sizes: uneven shards
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    loggers = [CSVLogger(str(out / "logs"), name="csv"), TensorBoardLogger(str(out / "logs"), name="tb")]
+    callback = GradWatchCallback(activation_every_n_steps=2, log_every_n_steps=1, histogram_every_n_steps=2)
+    trainer = L.Trainer(**{**TRAINER_DEFAULTS, "devices": 2, "strategy": strategy, "max_epochs": 2, "logger": loggers,
+                           "callbacks": [callback], "enable_checkpointing": False, "log_every_n_steps": 1})
+    trainer.fit(model)
+    rank = trainer.global_rank
+    callback.to_dataframe().to_csv(out / f"rank{rank}.csv", index=False)
+    watcher = callback.watcher
+    assert watcher is not None and callback.diagnosis is not None
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "reference": {str(k): v for k, v in model.reference.items()},
+        "diagnosis": callback.diagnosis.to_dict(),
+        "error": watcher.error,
+        "world_size": trainer.world_size,
+        "sinks": [type(s).__name__ for s in watcher.sinks],
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
