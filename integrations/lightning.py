@@ -96,8 +96,9 @@ class GradWatchCallback(Callback):
 
     Args:
         every_n_steps: collect every n-th optimizer step. Default: ``1``.
-        log_every_n_steps: send scalars to the loggers every n-th optimizer step. Default: ``None``
-            (the ``Trainer``'s ``log_every_n_steps``).
+        log_every_n_steps: send per-layer scalars to non-TensorBoard loggers (``log_metrics``) on every
+            n-th optimizer step. Default: ``None`` (the ``Trainer``'s ``log_every_n_steps``). A
+            TensorBoard logger gets every collected step (one event per step).
         metrics: which per-layer statistics go to loggers' ``log_metrics`` (any of
             ``GRAD_METRICS`` plus ``"dead_frac"``, ``"saturated_frac"``). Default: ``DEFAULT_METRICS``.
         activations: measure activations (dead units, saturation) on sampled steps. Default: ``True``.
@@ -244,7 +245,6 @@ class GradWatchCallback(Callback):
         self._printed_signature = None
         self._optimizer_steps = 0
         self._seen_nonfinite = 0
-        sinks = self._make_sinks(trainer) if trainer.is_global_zero else []
         kwargs: dict[str, Any] = {}
         if self.thresholds is not None:
             kwargs["thresholds"] = self.thresholds
@@ -265,10 +265,11 @@ class GradWatchCallback(Callback):
             auto_fix=self.auto_fix,
             on_error=self.on_error,
             name=type(pl_module).__name__,
-            sinks=sinks,
             **kwargs,
         )
         watcher = self.watcher
+        if trainer.is_global_zero:  # only rank zero writes; on other ranks loggers are no-ops anyway
+            watcher.sinks.extend(self._make_sinks(trainer, watcher))
         watcher.note_optimizers(*trainer.optimizers)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         watcher.history.context["amp_loss_scaling"] = scaler is not None
@@ -280,21 +281,21 @@ class GradWatchCallback(Callback):
             self._restore(self._pending_state)
             self._pending_state = None
 
-    def _make_sinks(self, trainer: Trainer) -> list[Sink]:
+    def _make_sinks(self, trainer: Trainer, watcher: GradWatcher) -> list[Sink]:
         loggers = list(trainer.loggers)
-        tensorboard = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
-        others = [lg for lg in loggers if not isinstance(lg, TensorBoardLogger)]
         sinks: list[Sink] = []
-        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
-        for lg in tensorboard:
-            sink = _tensorboard_sink(lg, self)
-            if sink is None:  # the TensorBoard writer is not available: scalars through the logger API
-                others.append(lg)
+        others: list[Logger] = []
+        for logger in loggers:
+            sink = _tensorboard_sink(logger, watcher) if isinstance(logger, TensorBoardLogger) else None
+            if sink is None:
+                others.append(logger)
             else:
-                sinks.append(_EveryN(sink, every))
+                sinks.append(sink)
         if others:
+            has_tensorboard = bool(sinks)
+            every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
             sinks.append(_LoggerSink(others, self.metrics, every))
-            if len(others) == len(loggers):
+            if not has_tensorboard:
                 rank_zero_info(
                     "gradwatch: histograms and gradient-flow figures need a TensorBoardLogger; with "
                     f"{', '.join(type(lg).__name__ for lg in others)} only per-layer scalars are logged "
@@ -502,42 +503,20 @@ def _signature_from_list(data: list | None) -> tuple | None:
     return None if data is None else tuple((k, s, tuple(layers)) for k, s, layers in data)
 
 
-def _tensorboard_sink(logger: TensorBoardLogger, callback: GradWatchCallback) -> Sink | None:
+def _tensorboard_sink(logger: TensorBoardLogger, watcher: GradWatcher) -> Sink | None:
+    """Everything (scalars, histograms, layout, figures, diagnosis text) into the logger's own run directory."""
     try:
         from gradwatch.tensorboard import TensorBoardSink
-    except ImportError:
+    except ImportError:  # pragma: no cover - only in a core without TensorBoard support
         return None
-    return TensorBoardSink(logger.experiment)
-
-
-class _EveryN:
-    """Passes step records to ``sink`` on every n-th global step; histograms and diagnoses always."""
-
-    def __init__(self, sink: Sink, every: int) -> None:
-        self.sink = sink
-        self.every = every
-
-    def write_step(self, record: StepRecord) -> None:
-        if record.step % self.every == 0:
-            self.sink.write_step(record)
-
-    def write_histograms(self, step: int, layers: list[LayerInfo]) -> None:
-        self.sink.write_histograms(step, layers)
-
-    def write_diagnosis(self, step: int, diagnosis: Diagnosis) -> None:
-        self.sink.write_diagnosis(step, diagnosis)
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-    def close(self) -> None:
-        self.sink.close()
+    return TensorBoardSink(logger.experiment, watcher=watcher)
 
 
 class _LoggerSink:
     """Per-layer scalars through ``Logger.log_metrics`` (the ``LearningRateMonitor`` route).
 
-    Keys are ``<metric>/<layer>`` (``grad_norm/(total)`` for the global norm); values that were not
+    Keys are ``<metric>/<layer>`` with the layer named as in ``to_dataframe()`` (``grad_norm/total`` for
+    the global norm); values that were not
     measured on a step (slow-cadence metrics, layers without gradient) are left out.
     """
 
@@ -564,7 +543,7 @@ class _LoggerSink:
                     if math.isfinite(v):
                         out[f"{metric}/{name}"] = v
         if math.isfinite(record.total_norm):
-            out["grad_norm/(total)"] = float(record.total_norm)
+            out["grad_norm/total"] = float(record.total_norm)
         for key, value in record.extra.items():
             out[key] = float(value)
         if out:

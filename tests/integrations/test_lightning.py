@@ -150,7 +150,7 @@ def test_csv_logger_gets_per_layer_scalars(tmp_path: Path, lightning_messages: l
     logger = CSVLogger(str(tmp_path), name="csv")
     _trainer(tmp_path, callback, logger=logger, log_every_n_steps=2).fit(LitMLP())
     metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
-    for column in ("grad_norm/net.0", "grad_norm/net.4", "grad_norm/(total)", "grad_to_weight/net.0", "dead_frac/net.1"):
+    for column in ("grad_norm/net.0", "grad_norm/net.4", "grad_norm/total", "grad_to_weight/net.0", "dead_frac/net.1"):
         assert column in metrics.columns, column
     logged = metrics.dropna(subset=["grad_norm/net.0"])
     assert sorted(logged["step"].astype(int)) == [0, 2, 4, 6]
@@ -240,3 +240,31 @@ def test_compiled_models_have_clean_names(tmp_path: Path, where: str, lightning_
     assert layers == {"net.0", "net.2", "net.4", "(total)"}
     assert all(math.isfinite(v) for v in _grad_norms(callback).to_numpy().ravel())
     assert sum("activation statistics" in m for m in lightning_messages) == 1
+
+
+# -- TensorBoard -------------------------------------------------------------------------------------
+def test_tensorboard_logger_gets_everything_in_its_run_directory(tmp_path: Path) -> None:
+    pytest.importorskip("gradwatch.tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import (
+        STORE_EVERYTHING_SIZE_GUIDANCE,
+        EventAccumulator,
+    )
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    callback = GradWatchCallback(histogram_every_n_steps=2, figure_every_n_steps=4, activation_every_n_steps=2)
+    _trainer(tmp_path, callback, logger=logger, max_epochs=2).fit(LitMLP(act=nn.Tanh))
+    run_dir = Path(logger.log_dir)
+    assert [p.parent for p in tmp_path.rglob("events.out.tfevents*")] == [run_dir]  # one run directory, the logger's
+    events = EventAccumulator(str(run_dir), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE).Reload()
+    tags = events.Tags()
+    scalars = set(tags["scalars"])
+    for tag in ("grad_norm/00.net.0", "grad_norm/02.net.4", "grad_norm/total", "saturated_frac/00.net.1"):
+        assert tag in scalars, (tag, sorted(scalars)[:20])
+    steps = [e.step for e in events.Scalars("grad_norm/00.net.0")]
+    assert steps == list(range(16))  # every collected step, numbered by global_step
+    values = [e.value for e in events.Scalars("grad_norm/00.net.0")]
+    np.testing.assert_allclose(values, _grad_norms(callback)["net.0"].to_numpy(), rtol=1e-6)
+    assert [e.step for e in events.Histograms("grad_hist/00.net.0")] == list(range(0, 16, 2))
+    assert "gradwatch/gradient_flow" in tags["images"]
+    assert {"gradwatch/diagnosis/text_summary", "custom_scalars__config__", "gradwatch/meta"} <= set(tags["tensors"])
