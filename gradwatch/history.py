@@ -16,7 +16,7 @@ With the defaults (1000 steps, 200 samples, 256 summary slots) a 500-layer model
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -75,25 +75,37 @@ class HistoryView:
         return self.grad[:, :, GRAD_METRICS.index(name)]
 
     @classmethod
-    def from_dataframe(cls, df: pd.DataFrame, context: dict[str, Any] | None = None) -> HistoryView:
+    def from_dataframe(
+        cls,
+        df: pd.DataFrame,
+        context: dict[str, Any] | None = None,
+        layer_meta: dict[str, LayerMeta] | None = None,
+        activation_meta: dict[str, ActivationMeta] | None = None,
+    ) -> HistoryView:
         """Rebuild a view from a long-format frame (``step, layer, metric, value``), e.g. read from logs.
 
         Layer order is taken from an optional ``depth`` column, else from first appearance.
         Rows whose layer is ``"(total)"`` carry global series (``grad_norm`` -> total norm, ``loss``).
+        A name is a layer if it has gradient or signal metrics and an activation if it has activation
+        metrics (a PReLU is both). ``layer_meta`` / ``activation_meta`` (e.g. logged with the run)
+        supply the types, fan-in and activation kinds the rules need; without them the view knows
+        names and order only.
         """
         df = df.dropna(subset=["value"]) if len(df) else df
         total = df[df["layer"] == "(total)"] if len(df) else df
         rest = df[df["layer"] != "(total)"] if len(df) else df
         grad_rows = rest[rest["metric"].isin(GRAD_METRICS)] if len(rest) else rest
-        if "depth" in rest.columns and len(rest):
-            order = rest.groupby("layer")["depth"].min().sort_values(kind="stable").index.tolist()
-        else:
-            order = list(dict.fromkeys(rest["layer"].tolist())) if len(rest) else []
-        act_names = [
-            n for n in order
-            if len(rest) and n in set(rest[rest["metric"].isin(("dead_frac", "saturated_frac"))]["layer"])
-        ]
-        layer_names = [n for n in order if n not in act_names]
+
+        def ordered(rows: pd.DataFrame) -> list[str]:
+            if not len(rows):
+                return []
+            if "depth" in rows.columns:
+                return rows.groupby("layer", sort=False)["depth"].min().sort_values(kind="stable").index.tolist()
+            return list(dict.fromkeys(rows["layer"].tolist()))
+
+        is_act = rest["metric"].isin(ACT_METRICS) if len(rest) else pd.Series(dtype=bool)
+        act_names = ordered(rest[is_act]) if len(rest) else []
+        layer_names = ordered(rest[~is_act]) if len(rest) else []
         steps = np.array(sorted(set(grad_rows["step"].astype(int))) if len(grad_rows) else [], dtype=np.int64)
         grad = np.full((len(steps), len(layer_names), len(GRAD_METRICS)), np.nan, dtype=np.float32)
         if len(grad_rows):
@@ -139,19 +151,21 @@ class HistoryView:
                 first_nf = (int(steps[t]), [layer_names[i] for i in np.flatnonzero(bad[t])])
         return cls(
             layers=layer_names,
-            layer_meta=[LayerMeta(depth=i) for i in range(len(layer_names))],
+            layer_meta=[replace(layer_meta[n], depth=i) if layer_meta and n in layer_meta else LayerMeta(depth=i)
+                        for i, n in enumerate(layer_names)],
             steps=steps,
             grad=grad,
             total_norm=tn,
             loss=loss,
             activations=act_names,
-            activation_meta=[ActivationMeta(depth=i) for i in range(len(act_names))],
+            activation_meta=[replace(activation_meta[n], depth=i) if activation_meta and n in activation_meta
+                             else ActivationMeta(depth=i) for i, n in enumerate(act_names)],
             sample_steps=sample_steps,
             act=act,
             signal=signal,
             first_nonfinite=first_nf,
             nonfinite_steps=nf_steps,
-            total_steps=int(steps[-1]) + 1 if len(steps) else 0,
+            total_steps=len(steps),
             context=dict(context or {}),
         )
 
@@ -285,6 +299,7 @@ class History:
         self._grad.grow(n)
         self._signal.grow(n)
         self._summary.grow(n)
+        self._active_layers = set(names)
         index = {name: i for i, name in enumerate(self.layers)}
         return [index[name] for name in names]
 
@@ -294,6 +309,7 @@ class History:
                 self.activations.append(name)
             self.activation_meta[name] = m
         self._act.grow(len(self.activations))
+        self._active_activations = set(names)
         index = {name: i for i, name in enumerate(self.activations)}
         return [index[name] for name in names]
 
@@ -333,14 +349,27 @@ class History:
     def _depth_order(self) -> list[int]:
         return sorted(range(len(self.layers)), key=lambda i: (self.layer_meta[self.layers[i]].depth, i))
 
-    def view(self, last: int | None = None, last_samples: int | None = None) -> HistoryView:
-        """The most recent ``last`` steps (all kept steps when ``None``) in depth order."""
+    def view(self, last: int | None = None, last_samples: int | None = None, active_only: bool = False) -> HistoryView:
+        """The most recent ``last`` steps (all kept steps when ``None``) in depth order.
+
+        ``active_only`` keeps only the layers and activations of the model as it is now (a fix may
+        have replaced some); the diagnosis uses it, exports keep everything.
+        """
         order = self._depth_order()
+        active = getattr(self, "_active_layers", None)
+        if active_only and active:
+            order = [i for i in order if self.layers[i] in active]
         steps, grad = self._grad.ordered(last)
         _, scalars = self._scalars.ordered(last)
         s_steps, act = self._act.ordered(last_samples)
         _, signal = self._signal.ordered(last_samples)
+        if last is not None and len(steps) and len(s_steps):
+            keep = s_steps >= steps[0]  # samples from inside the step window only
+            s_steps, act, signal = s_steps[keep], act[keep], signal[keep]
         a_order = sorted(range(len(self.activations)), key=lambda i: (self.activation_meta[self.activations[i]].depth, i))
+        active_acts = getattr(self, "_active_activations", None)
+        if active_only and active_acts:
+            a_order = [i for i in a_order if self.activations[i] in active_acts]
         return HistoryView(
             layers=[self.layers[i] for i in order],
             layer_meta=[self.layer_meta[self.layers[i]] for i in order],

@@ -68,7 +68,12 @@ class GradWatcher:
         history_capacity: recent collected steps kept in full (memory bound, see ``History``).
         track_updates: measure the update-to-weight ratio (keeps one weight copy between
             a slow-stat step and the next collected step).
-        auto_fix: ``False`` (recommend only), ``True`` or a list of fix names allowed to be applied.
+        auto_fix: ``False`` (recommend only), ``True`` or a list of fix names allowed to be applied
+            (see :mod:`gradwatch.autofix`: probe, apply once, verify, roll back if worse; needs
+            ``optimizer=``).
+        auto_fix_probe_steps: collected steps observed before deciding on fixes.
+        auto_fix_verify_steps: collected steps trained after a fix before judging it.
+        auto_fix_options: per-fix options, e.g. ``{"swap_activation": {"to": "leaky_relu"}}``.
         on_error: ``"detach"`` (default: log one clear message, remove all hooks, training goes on)
             or ``"raise"``.
         name: a label for logs.
@@ -97,6 +102,9 @@ class GradWatcher:
         history_capacity: int = 1000,
         track_updates: bool = True,
         auto_fix: bool | Iterable[str] = False,
+        auto_fix_probe_steps: int = 50,
+        auto_fix_verify_steps: int = 50,
+        auto_fix_options: dict[str, dict[str, Any]] | None = None,
         on_error: str = "detach",
         name: str | None = None,
         sinks: Iterable[Sink] = (),
@@ -139,6 +147,7 @@ class GradWatcher:
         self._param_key: tuple[int, ...] = ()
         self._extra_scalars: dict[str, float] = {}
         self._step_callbacks: list[Callable[[GradWatcher, int], None]] = []
+        self._pending_loss: Any = None
         #: Optional cross-process reduction of the per-device statistic rows before the host copy,
         #: for sharded parameters (FSDP): ``fn(rows) -> rows`` (see ``collect.reduce_sharded_rows``).
         self.row_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -169,6 +178,15 @@ class GradWatcher:
             self._sampler_arm()
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._optimizer_pre_hook))
+        self.autofixer = None
+        if self.auto_fix:
+            if optimizer is None:
+                raise ValueError("auto_fix needs optimizer=: fixes that add parameters must tell the optimizer, and "
+                                 "rollback restores its state. Pass gradwatch.watch(model, optimizer=opt, auto_fix=...).")
+            from gradwatch.autofix import AutoFixer
+
+            self.autofixer = AutoFixer(self, self.auto_fix, probe_steps=auto_fix_probe_steps,
+                                       verify_steps=auto_fix_verify_steps, options=auto_fix_options)
         if log_dir is not None:
             from gradwatch.tensorboard import TensorBoardSink
 
@@ -243,7 +261,8 @@ class GradWatcher:
 
     # -- the hot path --------------------------------------------------------------------------
     def _optimizer_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._step(loss=None, global_step=None)
+        loss, self._pending_loss = self._pending_loss, None
+        self._step(loss=loss, global_step=None)
 
     def step(self, loss: torch.Tensor | float | None = None, global_step: int | None = None) -> None:
         """Collect statistics of the current gradients (call after backward, before ``optimizer.step()``).
@@ -254,10 +273,13 @@ class GradWatcher:
             global_step: the step number to record (defaults to the number of ``step()`` calls).
         """
         if self.optimizer is not None:
-            if "manual-step" not in self._warned:
+            # the optimizer's pre-hook collects; a loss given here is recorded with that collection
+            if loss is not None:
+                self._pending_loss = loss
+            elif "manual-step" not in self._warned:
                 self._warned.add("manual-step")
                 log.info("gradwatch: watcher was given optimizer=, so statistics are collected by its step pre-hook; "
-                         "explicit step() calls are ignored")
+                         "step() without a loss does nothing (step(loss) records the loss for auto-fix and logs)")
             return
         self._step(loss=loss, global_step=global_step)
 
@@ -357,6 +379,14 @@ class GradWatcher:
         """Attach an extra scalar (e.g. a clipping threshold) to the following step records."""
         self._extra_scalars[name] = float(value)
 
+    def relayer(self) -> None:
+        """Re-discover layers after the model changed (a fix), and re-record depth on the next forward."""
+        if self._recorder is not None:
+            self._recorder.remove()
+        self._set_layers(discover_layers(self.model))
+        if not self.closed:
+            self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
+
     def add_step_callback(self, fn: Callable[[GradWatcher, int], None]) -> None:
         """Call ``fn(watcher, step)`` after each collected step (used by auto-fix and integrations)."""
         self._step_callbacks.append(fn)
@@ -390,7 +420,8 @@ class GradWatcher:
     def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
         """Diagnose the most recent ``thresholds.window`` collected steps."""
         th = thresholds or self.thresholds
-        view = self.history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1))
+        view = self.history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
+                                 active_only=True)
         return run_diagnosis(view, th, structure=self.structure)
 
     def _diagnose_and_publish(self, step: int) -> Diagnosis:

@@ -1,0 +1,201 @@
+"""Auto-apply fixes during training, verify that they helped, roll back those that did not.
+
+The :class:`AutoFixer` rides on a watcher's step callbacks:
+
+1. **probe** — wait ``probe_steps`` collected steps, then diagnose. Healthy: nothing happens, ever.
+2. **apply once** — snapshot model and optimizer (bitwise, module tree included), apply the
+   allowed fixes of the confirmed findings (:func:`gradwatch.fixes.apply_fixes`, optimizer told
+   about new parameters with ``add_param_group``, other parameters' state kept).
+3. **verify** — train on for ``verify_steps`` collected steps; compare the median loss of the
+   verification window with the probe window (when losses are passed to ``watcher.step(loss)``)
+   and the gradient flow (the findings the fix targeted must not get worse, and no layer may lose
+   its gradient altogether — silencing a layer also "removes" its vanishing). Worse: restore the
+   snapshot (the fix and the verification window are undone) — recorded either way.
+
+Clipping is different: it changes no parameter, so it may engage at any diagnosis on exploding
+or non-finite findings, without the probe/verify cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gradwatch.findings import Diagnosis
+
+if TYPE_CHECKING:
+    from gradwatch.watcher import GradWatcher
+
+log = logging.getLogger("gradwatch")
+
+STRUCTURAL = ("insert_batchnorm", "residual", "swap_activation", "lstm_gru")
+
+
+@dataclass
+class AutoFixEvent:
+    """One thing the auto-fixer did: ``action`` is applied / kept / rolled_back / clipping / nothing."""
+
+    step: int
+    action: str
+    detail: str
+    report: Any = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "action": self.action, "detail": self.detail, "evidence": self.evidence,
+                "report": self.report.to_dict() if self.report is not None else None}
+
+
+def _median_loss(watcher: GradWatcher, last: int) -> float:
+    loss = watcher.history.view(last=last).loss
+    loss = loss[np.isfinite(loss)]
+    return float(np.median(loss)) if len(loss) else math.nan
+
+
+def _silent_layers(diag: Diagnosis) -> int:
+    """Layers whose gradient is exactly zero or absent: a fix that silences layers is not a cure."""
+    return sum(1 for row in diag.layers if not (math.isfinite(row.grad_norm) and row.grad_norm > 0))
+
+
+def _severity_score(diag: Diagnosis, kinds: set[str]) -> float:
+    """How bad the targeted findings are: decades of vanishing, plus 10 per critical finding."""
+    score = 0.0
+    for f in diag.findings:
+        if f.kind in kinds:
+            score += 1.0 + (10.0 if f.severity == "critical" else 0.0) + float(f.evidence.get("decades", 0.0) or 0.0)
+    return score
+
+
+class AutoFixer:
+    """Applies allowed fixes once after a probe window, verifies, and rolls back what made things worse.
+
+    Args:
+        watcher: the watcher whose model and optimizer to fix (needs ``optimizer=`` to add parameters).
+        allowed: fix names that may be applied.
+        probe_steps: collected steps to observe before deciding.
+        verify_steps: collected steps to train on before judging a structural fix.
+        loss_tolerance: relative loss increase tolerated in verification (noise).
+        options: per-fix options passed to ``apply_fixes``.
+        example_input: one batch of inputs, for fixes that initialise from batch statistics.
+    """
+
+    def __init__(
+        self,
+        watcher: GradWatcher,
+        allowed: tuple[str, ...],
+        probe_steps: int = 50,
+        verify_steps: int = 50,
+        loss_tolerance: float = 0.05,
+        options: dict[str, dict[str, Any]] | None = None,
+        example_input: Any = None,
+    ):
+        for name, value in (("probe_steps", probe_steps), ("verify_steps", verify_steps)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AutoFixer {name} must be an integer >= 1, got {value!r}")
+        self.watcher = watcher
+        self.allowed = tuple(allowed)
+        self.probe_steps = probe_steps
+        self.verify_steps = verify_steps
+        self.loss_tolerance = loss_tolerance
+        self.options = options
+        self.example_input = example_input
+        self.events: list[AutoFixEvent] = []
+        self.state = "probing"
+        self._snapshot: Any = None
+        self._applied_at = 0
+        self._before_loss = math.nan
+        self._before_score = 0.0
+        self._before_silent = 0
+        self._kinds: set[str] = set()
+        self._clipping = False
+        watcher.add_step_callback(self.on_step)
+
+    # -- the state machine ---------------------------------------------------------------------
+    def on_step(self, watcher: GradWatcher, step: int) -> None:
+        if self.state == "probing" and watcher.collected + 1 >= self.probe_steps:
+            self._decide(step)
+        elif self.state == "verifying" and watcher.collected + 1 - self._applied_at >= self.verify_steps:
+            self._verify(step)
+        if "clip_gradients" in self.allowed and not self._clipping and watcher.diagnose_every_n_steps and \
+                (watcher.collected + 1) % max(1, min(watcher.diagnose_every_n_steps, self.probe_steps)) == 0:
+            self._maybe_clip(step)
+
+    def _decide(self, step: int) -> None:
+        from gradwatch.fixes import apply_fixes, snapshot
+
+        w = self.watcher
+        diag = w.diagnose(w.thresholds.updated(window=self.probe_steps))
+        structural_or_init = tuple(f for f in self.allowed if f != "clip_gradients")
+        if diag.healthy or not structural_or_init:
+            self.state = "done"
+            self._event(step, "nothing", "healthy after the probe window" if diag.healthy else "no fix allowed besides clipping")
+            return
+        self._kinds = {f.kind for f in diag.findings}
+        self._before_loss = _median_loss(w, self.probe_steps)
+        self._before_score = _severity_score(diag, self._kinds)
+        self._before_silent = _silent_layers(diag)
+        self._snapshot = snapshot(w.model, w.optimizer)
+        report = apply_fixes(w.model, diag, optimizer=w.optimizer, only=structural_or_init,
+                             example_input=self.example_input, options=self.options)
+        if not report.changed:
+            self._snapshot = None
+            self.state = "done"
+            self._event(step, "nothing", "no allowed fix applied: " + "; ".join(
+                f"{c.fix}: {c.reason}" for c in report.changes if c.status == "refused")[:500], report)
+            return
+        w.relayer()
+        self._applied_at = w.collected + 1
+        self.state = "verifying"
+        self._event(step, "applied", "; ".join(c.summary() for c in report.applied), report,
+                    {"loss_before": self._before_loss, "severity_before": self._before_score})
+
+    def _verify(self, step: int) -> None:
+        w = self.watcher
+        diag = w.diagnose(w.thresholds.updated(window=self.verify_steps))  # post-fix steps only
+        after_loss = _median_loss(w, self.verify_steps)
+        after_score = _severity_score(diag, self._kinds)
+        loss_worse = math.isfinite(self._before_loss) and (
+            not math.isfinite(after_loss) or after_loss > self._before_loss * (1 + self.loss_tolerance))
+        after_silent = _silent_layers(diag)
+        flow_worse = after_score > self._before_score or after_silent > self._before_silent
+        evidence = {"loss_before": self._before_loss, "loss_after": after_loss,
+                    "severity_before": self._before_score, "severity_after": after_score,
+                    "silent_layers_before": self._before_silent, "silent_layers_after": after_silent}
+        if loss_worse or flow_worse:
+            self._snapshot.restore()
+            w.relayer()
+            why = "the loss got worse" if loss_worse else "the gradient flow got worse"
+            self._event(step, "rolled_back", f"{why}; model and optimizer restored to the snapshot", evidence=evidence)
+        else:
+            self._event(step, "kept", "loss and gradient flow did not get worse", evidence=evidence)
+        self._snapshot = None
+        self.state = "done"
+
+    def _maybe_clip(self, step: int) -> None:
+        from gradwatch.fixes import apply_fixes
+
+        w = self.watcher
+        if w.optimizer is None:
+            return
+        diag = w.diagnose()
+        if not ({"exploding", "nonfinite"} & diag.kinds()):
+            return
+        report = apply_fixes(w.model, diag, optimizer=w.optimizer, only=["clip_gradients"], options=self.options)
+        if report.changed:
+            self._clipping = True
+            for clipper in report.clippers:
+                w.add_step_callback(lambda watcher, s, c=clipper: watcher.set_scalar("clip_threshold", c.threshold))
+            self._event(step, "clipping", "; ".join(c.summary() for c in report.applied), report)
+
+    def _event(self, step: int, action: str, detail: str, report: Any = None, evidence: dict[str, Any] | None = None) -> None:
+        event = AutoFixEvent(step=step, action=action, detail=detail, report=report, evidence=evidence or {})
+        self.events.append(event)
+        log.info("gradwatch auto-fix at step %d: %s - %s", step, action, detail)
+        for sink in self.watcher.sinks:
+            write_text = getattr(sink, "write_text", None)
+            if callable(write_text):
+                write_text("gradwatch/auto_fix", f"**{action}** at step {step}: {detail}", step)
