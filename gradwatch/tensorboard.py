@@ -1,0 +1,473 @@
+"""TensorBoard output: per-layer scalars, device-binned histograms, a one-page dashboard, the
+gradient-flow figure and the diagnosis as text.
+
+``gradwatch.watch(model, log_dir=...)`` creates a :class:`TensorBoardSink`; it can also be used on
+its own with any watcher (``gradwatch.watch(model, sinks=[TensorBoardSink(writer)])``).
+
+What is written (tags: see :mod:`gradwatch.tags`; ``NN`` is the layer's zero-padded depth):
+
+- every collected step, as **one** event: ``<metric>/NN.<layer>`` for every gradient metric
+  (``grad_norm``, ``grad_mean_abs``, ``grad_max_abs``, ``grad_zero_frac``, ``nonfinite``,
+  ``weight_norm``, ``grad_to_weight``, ``update_ratio``; metrics not measured on a step are
+  skipped), ``grad_norm/total``, ``loss/total`` and extra scalars such as ``clip_threshold/total``;
+  on activation-sampled steps also ``dead_frac``, ``saturated_frac``, ``unit_samples`` per
+  activation and ``act_rms``, ``out_grad_rms`` (...) per layer;
+- every ``histogram_every_n_steps``: ``grad_hist/NN.<layer>`` (values) and
+  ``grad_log10abs/NN.<layer>`` (log10|g|), binned on the gradients' device (see
+  :mod:`gradwatch.histograms`), and ``hist_zeros``, ``hist_nan``, ``hist_inf`` counts per layer;
+  optionally ``weight_hist/NN.<layer>``;
+- once per writer: a custom-scalars layout ("gradwatch" category, CUSTOM SCALARS tab);
+- every ``figure_every_n_steps`` and at close: the gradient-flow figure ``gradwatch/gradient_flow``;
+- whenever the set of findings changes: the diagnosis report as text (``gradwatch/diagnosis``);
+- the run's metadata (layer types and depths, activation kinds, thresholds) under
+  ``gradwatch/meta`` in a plugin TensorBoard does not display, so that ``gradwatch report`` can
+  rebuild the run and diagnose it exactly as the live watcher did.
+
+Nothing is lost: events go through the writer's queue and are flushed every ``flush_secs``; on
+``close()``; at interpreter exit (a weakly referenced ``atexit`` hook, also reached when training
+dies with an exception); a killed run leaves readable files up to the last flush.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import weakref
+from collections import deque
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+
+from gradwatch import tags as T
+from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS
+from gradwatch.collect import GRAD_METRICS
+from gradwatch.histograms import HistogramData, bin_on_device
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradwatch.findings import Diagnosis
+    from gradwatch.layers import LayerInfo
+    from gradwatch.sinks import StepRecord
+    from gradwatch.watcher import GradWatcher
+
+log = logging.getLogger("gradwatch")
+
+META_FORMAT = 1
+_DEFAULT_FIGURE_EVERY = 500
+_DEFAULT_WINDOW = 50
+_G = {m: i for i, m in enumerate(GRAD_METRICS)}
+_LIVE: weakref.WeakSet[TensorBoardSink] = weakref.WeakSet()
+# writers that already hold a gradwatch layout (add_custom_scalars may be called once per writer)
+_LAYOUT_WRITTEN: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _close_live_sinks() -> None:
+    """atexit: flush every sink still open (weak references: closed or collected sinks are gone)."""
+    for sink in list(_LIVE):
+        sink._at_exit()
+
+
+atexit.register(_close_live_sinks)
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=True)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class TensorBoardSink:
+    """Writes a watcher's statistics, histograms, dashboard layout, figure and diagnosis to TensorBoard.
+
+    Args:
+        log_dir: a directory (a ``SummaryWriter`` is created there and closed by :meth:`close`) or
+            an existing ``torch.utils.tensorboard.SummaryWriter`` (e.g. a Lightning
+            ``TensorBoardLogger.experiment``): written to and flushed, never closed.
+        watcher: the watcher feeding this sink, if any: its layer/activation metadata, thresholds
+            and figure cadence are used. ``gradwatch.watch(log_dir=...)`` passes itself.
+        histograms: write gradient histograms when the watcher asks (``histogram_every_n_steps``).
+        weight_histograms: also write ``weight_hist/<layer>`` on histogram steps.
+        figure_every_n_steps: log the gradient-flow figure every n collected steps (0: only at
+            close). Default: the watcher's ``figure_every_n_steps``, else 500. Rendering takes
+            tens of milliseconds, hence the sparse default.
+        text: write the diagnosis report as text when the findings change.
+        layout: write the custom-scalars dashboard layout (once per writer).
+        prefix: prepended to every tag (e.g. ``"gradwatch/"``) when the writer is shared with
+            metrics whose names could collide; recorded so ``gradwatch report`` strips it.
+        flush_secs: for a writer created here, how often pending events reach the disk: what a
+            killed run can lose at most.
+
+    Raises:
+        TypeError: ``log_dir`` is neither a path nor a writer, or an option has the wrong type.
+        ValueError: an option is out of range.
+
+    Example:
+        >>> watcher = gradwatch.watch(model, log_dir="runs/exp1")          # creates this sink
+        >>> sink = TensorBoardSink(trainer.logger.experiment, prefix="gw/")  # or by hand
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str] | SummaryWriter,
+        *,
+        watcher: GradWatcher | None = None,
+        histograms: bool = True,
+        weight_histograms: bool = False,
+        figure_every_n_steps: int | None = None,
+        text: bool = True,
+        layout: bool = True,
+        prefix: str = "",
+        flush_secs: float = 10.0,
+    ):
+        if not isinstance(prefix, str) or (prefix and not prefix.endswith(("/", "_", "."))):
+            raise ValueError(f"prefix must be a string ending in '/', '_' or '.' (e.g. 'gradwatch/'), got {prefix!r}")
+        if figure_every_n_steps is not None and (
+            isinstance(figure_every_n_steps, bool) or not isinstance(figure_every_n_steps, int) or figure_every_n_steps < 0
+        ):
+            raise ValueError(f"figure_every_n_steps must be an integer >= 0 (0 = only at close), got {figure_every_n_steps!r}")
+        if isinstance(flush_secs, bool) or not isinstance(flush_secs, int | float) or not flush_secs > 0:
+            raise ValueError(f"flush_secs must be a positive number of seconds, got {flush_secs!r}")
+        if isinstance(log_dir, str | os.PathLike):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=os.fspath(log_dir), flush_secs=flush_secs)
+            self.owns_writer = True
+        elif hasattr(log_dir, "add_scalar") and hasattr(log_dir, "add_histogram_raw"):
+            self.writer = log_dir
+            self.owns_writer = False
+        else:
+            raise TypeError(
+                "TensorBoardSink: log_dir must be a directory path or a torch.utils.tensorboard.SummaryWriter, "
+                f"got {type(log_dir).__name__}"
+            )
+        self.watcher = watcher
+        self.histograms = bool(histograms)
+        self.weight_histograms = bool(weight_histograms)
+        if figure_every_n_steps is None:
+            figure_every_n_steps = getattr(watcher, "figure_every_n_steps", _DEFAULT_FIGURE_EVERY)
+        self.figure_every_n_steps = int(figure_every_n_steps)
+        self.text = bool(text)
+        self.layout = bool(layout)
+        self.prefix = prefix
+        self.closed = False
+        self.steps_written = 0
+        self._warned: set[str] = set()
+        self._table_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._layer_keys: dict[str, str] = {}
+        self._grad_tags: np.ndarray = np.zeros(0, dtype=object)
+        self._act_tags: np.ndarray = np.zeros(0, dtype=object)
+        self._signal_tags: np.ndarray = np.zeros(0, dtype=object)
+        window = getattr(getattr(watcher, "thresholds", None), "window", _DEFAULT_WINDOW)
+        self._recent: deque[tuple[int, list[str], np.ndarray]] = deque(maxlen=int(window))
+        self._diagnosis: Diagnosis | None = None
+        self._text_signature: tuple | None = None
+        self._last_step: int | None = None
+        self._last_figure_step: int | None = None
+        _LIVE.add(self)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _failed(self, what: str, exc: BaseException) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.error("gradwatch: writing %s to TensorBoard failed (%s: %s); training continues and later writes "
+                      "are still attempted (this message is shown once)", what, type(exc).__name__, exc)
+        else:
+            log.debug("gradwatch: writing %s to TensorBoard failed again: %s", what, exc)
+
+    def _file_writer(self) -> Any | None:
+        """The writer's event-file writer, or ``None`` once the writer was closed.
+
+        ``SummaryWriter._get_file_writer()`` silently opens a *new* event file after ``close()``;
+        a borrowed writer closed by its owner must not be resurrected, so the attribute is read.
+        """
+        if hasattr(self.writer, "file_writer"):
+            return self.writer.file_writer
+        getter = getattr(self.writer, "_get_file_writer", None)
+        return getter() if callable(getter) else None
+
+    def _writable(self, what: str) -> Any | None:
+        fw = self._file_writer()
+        if fw is None and "closed" not in self._warned:
+            self._warned.add("closed")
+            log.warning("gradwatch: the SummaryWriter was closed before gradwatch finished; %s and everything after "
+                        "it are not written. Close the watcher before the writer (or the Lightning logger).", what)
+        return fw
+
+    def _add_summary(self, values: list[Summary.Value], step: int) -> None:
+        if not values:
+            return
+        fw = self._writable("scalars")
+        if fw is None:
+            return
+        fw.add_summary(Summary(value=values), step)
+
+    # -- tags --------------------------------------------------------------------------------------
+    def _update_tables(self, layers: list[str], activations: list[str], step: int) -> None:
+        key = (tuple(layers), tuple(activations))
+        if key == self._table_key:
+            return
+        self._table_key = key
+        lw, aw = T.depth_width(len(layers)), T.depth_width(len(activations))
+        self._layer_keys = {name: T.layer_key(i, name, lw) for i, name in enumerate(layers)}
+        act_keys = [T.layer_key(i, name, aw) for i, name in enumerate(activations)]
+        p = self.prefix
+        self._grad_tags = np.array([f"{p}{m}/{self._layer_keys[n]}" for n in layers for m in GRAD_METRICS], dtype=object)
+        self._signal_tags = np.array([f"{p}{m}/{self._layer_keys[n]}" for n in layers for m in LAYER_SIGNAL_METRICS], dtype=object)
+        self._act_tags = np.array([f"{p}{m}/{k}" for k in act_keys for m in ACT_METRICS], dtype=object)
+        self._write_meta(layers, activations, act_keys, step)
+
+    def _layer_key(self, name: str, index: int, n: int) -> str:
+        key = self._layer_keys.get(name)
+        return key if key is not None else T.layer_key(index, name, T.depth_width(n))
+
+    def _write_meta(self, layers: list[str], activations: list[str], act_keys: list[str], step: int) -> None:
+        w = self.watcher
+        history = getattr(w, "history", None)
+        lmeta = getattr(history, "layer_meta", {}) or {}
+        ameta = getattr(history, "activation_meta", {}) or {}
+        meta: dict[str, Any] = {
+            "format": META_FORMAT,
+            "prefix": self.prefix,
+            "layers": [
+                {"name": n, "key": self._layer_keys[n], **({**asdict(lmeta[n]), "depth": i} if n in lmeta else {"depth": i})}
+                for i, n in enumerate(layers)
+            ],
+            "activations": [
+                {"name": n, "key": k, **({**asdict(ameta[n]), "depth": i} if n in ameta else {"depth": i})}
+                for i, (n, k) in enumerate(zip(activations, act_keys, strict=True))
+            ],
+        }
+        if w is not None:
+            meta["name"] = getattr(w, "name", None)
+            meta["context"] = {k: _json_safe(v) for k, v in dict(getattr(history, "context", {}) or {}).items()}
+            th = getattr(w, "thresholds", None)
+            if th is not None:
+                meta["thresholds"] = asdict(th)
+            for attr in ("every_n_steps", "activation_every_n_steps", "slow_stats_every_n", "histogram_every_n_steps"):
+                if hasattr(w, attr):
+                    meta[attr] = getattr(w, attr)
+        payload = json.dumps(meta).encode("utf-8")
+        metadata = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name=T.META_PLUGIN, content=payload),
+            summary_description="gradwatch run metadata (read by `gradwatch report`)",
+        )
+        tensor = TensorProto(dtype="DT_STRING", string_val=[payload], tensor_shape=TensorShapeProto())
+        self._add_summary([Summary.Value(tag=self.prefix + T.META_TAG, tensor=tensor, metadata=metadata)], step)
+
+    def _write_layout(self) -> None:
+        if not self.layout:
+            return
+        try:
+            if self.writer in _LAYOUT_WRITTEN:
+                if _LAYOUT_WRITTEN[self.writer] != self.prefix and "layout" not in self._warned:
+                    self._warned.add("layout")
+                    log.info("gradwatch: this SummaryWriter already holds a gradwatch layout (prefix %r); "
+                             "TensorBoard accepts one layout per writer, so none is added for prefix %r",
+                             _LAYOUT_WRITTEN[self.writer], self.prefix)
+                return
+            _LAYOUT_WRITTEN[self.writer] = self.prefix
+        except TypeError:  # a writer that cannot be weakly referenced: write once per sink
+            pass
+        if self._writable("layout") is not None:
+            self.writer.add_custom_scalars(T.layout(self.prefix))
+
+    # -- Sink protocol -----------------------------------------------------------------------------
+    def write_step(self, record: StepRecord) -> None:
+        """Write one collected step's scalars as a single event (cheap: one proto, no per-tag calls)."""
+        if self.closed:
+            return
+        try:
+            first = self._table_key is None
+            self._update_tables(record.layers, record.activations, record.step)
+            if first:
+                self._write_layout()
+            values = self._scalar_values(record)
+            self._add_summary(values, record.step)
+            self._recent.append((record.step, record.layers, record.values))
+            self._last_step = record.step
+            self.steps_written += 1
+        except Exception as exc:
+            self._failed("scalars", exc)
+            return
+        every = self.figure_every_n_steps
+        if every and self.steps_written % every == 0:
+            self.write_figure(record.step)
+
+    def _scalar_values(self, record: StepRecord) -> list[Summary.Value]:
+        V = Summary.Value
+        out: list[Summary.Value] = []
+        flat = np.asarray(record.values, dtype=np.float64).reshape(-1)
+        keep = ~np.isnan(flat)
+        if len(flat) != len(self._grad_tags):
+            raise ValueError(f"step record has {flat.size} values for {len(self._grad_tags)} tags")
+        out += [V(tag=t, simple_value=v) for t, v in zip(self._grad_tags[keep].tolist(), flat[keep].tolist(), strict=True)]
+        for arr, tags in ((record.act_values, self._act_tags), (record.signal, self._signal_tags)):
+            if arr is None:
+                continue
+            a = np.asarray(arr, dtype=np.float64)
+            cols = a.shape[1] if a.ndim == 2 else 0
+            if a.ndim != 2 or a.shape[0] * cols != len(tags):
+                continue  # shapes from a newer core than this writer knows
+            flat = a.reshape(-1)
+            keep = ~np.isnan(flat)
+            out += [V(tag=t, simple_value=v) for t, v in zip(tags[keep].tolist(), flat[keep].tolist(), strict=True)]
+        p = self.prefix
+        totals = {"grad_norm": record.total_norm, "loss": record.loss, **record.extra}
+        out += [V(tag=T.total_tag(k, p), simple_value=float(v)) for k, v in totals.items() if v is not None and not math.isnan(v)]
+        return out
+
+    def write_histograms(self, step: int, layers: list[LayerInfo]) -> None:
+        """Bin every layer's gradients (and optionally weights) on device; write raw histograms."""
+        if self.closed or not self.histograms:
+            return
+        try:
+            if self._writable("histograms") is None:
+                return
+            grads = [[p.grad for p in layer.params if p.grad is not None] for layer in layers]
+            results = bin_on_device(grads)
+            weights = bin_on_device([[p.detach() for p in layer.params] for layer in layers]) if self.weight_histograms else None
+            p = self.prefix
+            counts: list[Summary.Value] = []
+            for i, layer in enumerate(layers):
+                key = self._layer_key(layer.name, i, len(layers))
+                h = results[i]
+                if h is not None:
+                    self._histogram(f"{p}{T.GRAD_HIST}/{key}", h.values, step)
+                    self._histogram(f"{p}{T.LOG10_HIST}/{key}", h.log10_abs, step)
+                    for name, value in zip(T.HIST_COUNTS, (h.zeros, h.nan, h.inf), strict=True):
+                        counts.append(Summary.Value(tag=f"{p}{name}/{key}", simple_value=float(value)))
+                if weights is not None and weights[i] is not None:
+                    self._histogram(f"{p}{T.WEIGHT_HIST}/{key}", weights[i].values, step)
+            self._add_summary(counts, step)
+        except Exception as exc:
+            self._failed("histograms", exc)
+
+    def _histogram(self, tag: str, h: HistogramData | None, step: int) -> None:
+        if h is None:
+            return
+        self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, h.bucket_limits, h.bucket_counts,
+                                      global_step=step)
+
+    def write_diagnosis(self, step: int, diagnosis: Diagnosis) -> None:
+        """Remember the diagnosis (for the figure); write it as text when its findings changed."""
+        if self.closed:
+            return
+        self._diagnosis = diagnosis
+        if not self.text:
+            return
+        try:
+            sig = diagnosis.signature()
+            if sig == self._text_signature:
+                return
+            self._text_signature = sig
+            if self._writable("diagnosis") is not None:
+                self.writer.add_text(self.prefix + T.DIAGNOSIS_TAG, diagnosis_markdown(diagnosis, step), global_step=step)
+        except Exception as exc:
+            self._failed("diagnosis text", exc)
+
+    def write_figure(self, step: int | None = None) -> None:
+        """Render the gradient-flow figure from the recent steps and log it as an image."""
+        if step is None:
+            step = self._last_step
+        if step is None or not self._recent or step == self._last_figure_step:
+            return
+        try:
+            from gradwatch.figure import diagnosis_flags, figure_to_png, gradient_flow_figure, verdict
+
+            layers, mean, mx = self._recent_profile()
+            v = verdict(self._diagnosis)
+            first = self._recent[0][0]
+            span = f"steps {first}-{step}" if first != step else f"step {step}"
+            fig = gradient_flow_figure(layers, mean, mx, flags=diagnosis_flags(self._diagnosis),
+                                       title=f"gradient flow ({span})" + (f": {v}" if v else ""))
+            png = figure_to_png(fig)
+            w, h = (int(v) for v in fig.canvas.get_width_height())
+            fw = self._writable("figure")
+            if fw is None:
+                return
+            image = Summary.Image(height=h, width=w, colorspace=4, encoded_image_string=png)
+            fw.add_summary(Summary(value=[Summary.Value(tag=self.prefix + T.FIGURE_TAG, image=image)]), step)
+            self._last_figure_step = step
+        except Exception as exc:
+            self._failed("figure", exc)
+
+    def _recent_profile(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Per-layer medians of mean|g| and max|g| over the recent steps (layers of the latest step)."""
+        layers = self._recent[-1][1]
+        index = {n: i for i, n in enumerate(layers)}
+        mean = np.full((len(self._recent), len(layers)), np.nan)
+        mx = np.full_like(mean, np.nan)
+        for t, (_, names, values) in enumerate(self._recent):
+            cols = [index.get(n, -1) for n in names]
+            for j, c in enumerate(cols):
+                if c >= 0:
+                    mean[t, c] = values[j, _G["grad_mean_abs"]]
+                    mx[t, c] = values[j, _G["grad_max_abs"]]
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return layers, np.nanmedian(mean, axis=0), np.nanmedian(mx, axis=0)
+
+    def flush(self) -> None:
+        """Push pending events to disk."""
+        try:
+            if self._file_writer() is not None:
+                self.writer.flush()
+        except Exception as exc:
+            self._failed("flush", exc)
+
+    def close(self) -> None:
+        """Log the final figure, flush, and close the writer if this sink created it. Idempotent."""
+        if self.closed:
+            return
+        self.write_figure()
+        self.flush()
+        self.closed = True
+        _LIVE.discard(self)
+        if self.owns_writer:
+            try:
+                self.writer.close()
+            except Exception as exc:
+                self._failed("close", exc)
+
+    def _at_exit(self) -> None:
+        """Interpreter exit without ``close()``: flush what is pending (no figure: matplotlib may be gone)."""
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        if self.owns_writer:
+            try:
+                self.writer.close()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        where = getattr(self.writer, "log_dir", None) or getattr(self.writer, "logdir", "?")
+        return f"TensorBoardSink({where!r}, owns_writer={self.owns_writer}, closed={self.closed})"
+
+
+def diagnosis_markdown(diagnosis: Diagnosis, step: int) -> str:
+    """The diagnosis as TensorBoard text: a one-line verdict, then the report as a code block."""
+    if diagnosis.healthy:
+        head = f"**step {step}: healthy**"
+    else:
+        kinds = "; ".join(f"{f.kind} ({f.severity}) in {', '.join(f.layers[:4])}{'...' if len(f.layers) > 4 else ''}"
+                          for f in diagnosis.findings)
+        head = f"**step {step}: {kinds}**"
+    body = "\n".join("    " + line for line in str(diagnosis).splitlines())
+    return f"{head}\n\n{body}\n"
+
+
+__all__ = ["TensorBoardSink", "diagnosis_markdown"]
