@@ -346,8 +346,8 @@ class GradWatchCallback(Callback):
         if self.verbose and diag.signature() != self._printed_signature:
             self._printed_signature = diag.signature()
             rank_zero_info(f"gradwatch diagnosis after epoch {trainer.current_epoch} (step {trainer.global_step}):\n{diag}")
-        if self.fail_on and any(f.kind in self.fail_on for f in diag.findings):
-            self._raise(trainer, diag, int(trainer.global_step), local=True)
+        if self.fail_on:  # on every rank: the decision is reduced across ranks
+            self._raise(trainer, diag, int(trainer.global_step), bool(self._failing(diag)))
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -371,39 +371,52 @@ class GradWatchCallback(Callback):
     def _check_fail_on(self, trainer: Trainer, step: int) -> None:
         if not self.fail_on or self.watcher is None:
             return
-        watcher = self.watcher
-        local = False
-        diag: Diagnosis | None = None
-        # Check points depend only on the optimizer-step count, identical on every rank, so the
-        # collective below runs on all ranks together.
-        check_nonfinite = "nonfinite" in self.fail_on
-        check_all = bool(self.diagnose_every_n_steps) and self._optimizer_steps % (
-            self.diagnose_every_n_steps * self.every_n_steps) == 0
-        if not (check_nonfinite or check_all):
+        # Check points depend only on the optimizer-step count, the same on every rank, so the
+        # collective in _raise runs on all ranks together.
+        per_step = "nonfinite" in self.fail_on
+        on_cadence = bool(self.diagnose_every_n_steps) and (
+            self._optimizer_steps % (self.diagnose_every_n_steps * self.every_n_steps) == 0)
+        if not (per_step or on_cadence):
             return
-        if check_nonfinite and self._unscale is None:
-            # without loss scaling any non-finite gradient is a real problem: no need to wait
-            count = watcher.history.nonfinite_steps
-            if count > self._seen_nonfinite:
-                self._seen_nonfinite = count
-                diag = watcher.diagnose()
-                local = True
-        if check_all and not local and watcher.history.total_steps:
-            diag = watcher.diagnose()
-            local = any(f.kind in self.fail_on for f in diag.findings)
-        if diag is not None:
-            self._diagnosis = diag
-        self._raise(trainer, diag, step, local)
+        watcher = self.watcher
+        stop, reason, diag = False, "", None
+        if per_step and watcher.history.nonfinite_steps > self._seen_nonfinite:
+            self._seen_nonfinite = watcher.history.nonfinite_steps
+            stop, reason = self._nonfinite_is_real()
+        if on_cadence and not stop and watcher.history.total_steps:
+            diag = self.diagnose()
+            stop = bool(self._failing(diag))
+        self._raise(trainer, diag, step, stop, reason)
 
-    def _raise(self, trainer: Trainer, diag: Diagnosis | None, step: int, local: bool) -> None:
-        stop = bool(trainer.strategy.reduce_boolean_decision(local, all=False)) if trainer.world_size > 1 else local
+    def _nonfinite_is_real(self) -> tuple[bool, str]:
+        """A non-finite gradient is a real problem, unless AMP loss scaling is still calibrating."""
+        if self._unscale is None:
+            return True, ""
+        # GradScaler halves its scale after every overflow: below 1 the gradients are non-finite
+        # even without amplification, so this is not calibration any more.
+        scale = float(self._unscale.scaler.get_scale())
+        if scale < 1.0:
+            return True, f"gradients stay non-finite although the AMP loss scale fell to {scale:g}"
+        return False, ""
+
+    def _failing(self, diag: Diagnosis) -> list[Any]:
+        # Under AMP loss scaling an occasional inf step is calibration: "nonfinite" is decided per
+        # step from the loss scale (above), not from the diagnosis.
+        return [f for f in diag.findings if f.kind in self.fail_on and not (f.kind == "nonfinite" and self._unscale is not None)]
+
+    def _raise(self, trainer: Trainer, diag: Diagnosis | None, step: int, stop: bool, reason: str = "") -> None:
+        if trainer.world_size > 1:
+            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
         if not stop:
             return
+        if diag is None and self.watcher is not None and self.watcher.history.total_steps:
+            diag = self.diagnose()
         found = [f for f in (diag.findings if diag is not None else ()) if f.kind in self.fail_on]
         what = "; ".join(f"{f.kind} ({f.severity}) in {', '.join(f.layers[:4]) or 'the model'}: {f.message}" for f in found)
+        what = "; ".join(x for x in (what, reason) if x) or "a finding named in fail_on appeared on another rank"
         message = (
-            f"gradwatch stopped training at step {step}: {what or 'a finding named in fail_on appeared on another rank'}. "
-            f"(GradWatchCallback(fail_on={self.fail_on!r}); remove the kind from fail_on to keep training.)"
+            f"gradwatch stopped training at step {step}: {what} "
+            f"(GradWatchCallback(fail_on={self.fail_on!r}); remove the kind from fail_on to keep training)"
         )
         raise GradientHealthError(message, diagnosis=diag, step=step)
 

@@ -15,6 +15,7 @@ import torch
 from gradwatch.integrations.lightning import GradientHealthError, GradWatchCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
 from lit_models import TRAINER_DEFAULTS, LitMLP, LitTwoOptimizers
 from torch import nn
 
@@ -142,6 +143,45 @@ def test_bf16_mixed_statistics_are_finite_float32(tmp_path: Path) -> None:
     assert norms.shape == (8, 3) and np.isfinite(norms).all() and (norms > 0).all()
     assert callback.watcher.history.context["amp_loss_scaling"] is False  # bf16: no GradScaler
     assert callback.diagnosis is not None and "nonfinite" not in callback.diagnosis.kinds()
+
+
+class _AdamMLP(LitMLP):
+    def __init__(self, fused: bool, **kwargs: object) -> None:
+        super().__init__(record_reference=True, **kwargs)
+        self.fused = fused
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=self.fused)
+
+
+def _grad_scaler_plugin(init_scale: float) -> MixedPrecision:
+    """The ``16-mixed`` GradScaler path, on CPU (``precision="16-mixed"`` alone becomes bf16 there)."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def test_16_mixed_grad_scaler_statistics_are_unscaled_also_for_fused_optimizers(tmp_path: Path) -> None:
+    norms, models = {}, {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        callback = GradWatchCallback()
+        models[fused] = model = _AdamMLP(fused)
+        _trainer(tmp_path, callback, plugins=[_grad_scaler_plugin(2.0**10)]).fit(model)
+        assert callback.watcher is not None and callback.watcher.history.context["amp_loss_scaling"] is True
+        norms[fused] = _grad_norms(callback)
+    # Lightning unscales before on_before_optimizer_step for ordinary optimizers ...
+    assert norms[False].loc[0, "net.0"] == pytest.approx(models[False].reference[0]["net.0"]["grad_norm"], rel=1e-6)
+    # ... but not for fused ones (they unscale inside step()): the callback divides by the scale
+    assert models[True].reference[0]["net.0"]["grad_norm"] == pytest.approx(2.0**10 * norms[True].loc[0, "net.0"], rel=1e-6)
+    np.testing.assert_allclose(norms[True].loc[0].to_numpy(), norms[False].loc[0].to_numpy(), rtol=1e-6)
+
+
+def test_fail_on_nonfinite_under_grad_scaler_tolerates_calibration_not_real_nans(tmp_path: Path) -> None:
+    calibrating = GradWatchCallback(fail_on="nonfinite")
+    _trainer(tmp_path, calibrating, plugins=[_grad_scaler_plugin(2.0**30)]).fit(LitMLP())
+    assert calibrating.watcher is not None and calibrating.watcher.history.nonfinite_steps > 0  # overflows were seen
+    broken = GradWatchCallback(fail_on="nonfinite")
+    with pytest.raises(GradientHealthError, match="loss scale fell to"):
+        _trainer(tmp_path, broken, plugins=[_grad_scaler_plugin(2.0**2)], max_epochs=3).fit(LitMLP(nan_at_batch=2))
 
 
 # -- loggers -------------------------------------------------------------------------------------------
