@@ -234,7 +234,7 @@ def test_replay_gives_a_model_that_loads_the_fixed_weights_strictly(case: Case):
     fresh.load_state_dict(model.state_dict(), strict=True)
     model.eval()
     fresh.eval()
-    assert torch.equal(fresh(x), model(x))
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-6, atol=1e-7)  # same weights; BLAS may differ in the last bit
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -244,6 +244,8 @@ class Fix(ABC):
             return change
         if dry_run:
             change.status = "planned"
+            for op in plan.ops:  # later fixes' code must address modules where this one moves them
+                ctx.moved(ops_mod.renames_of(op))
             self.commit(ctx, plan)
             return change
         if self.structural:

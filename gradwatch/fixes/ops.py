@@ -122,6 +122,18 @@ def validate(op: Any) -> None:
             raise RecordError(f"swap_rnn: config keys missing {missing}, unknown {extra}; expected {RNN_CONFIG_KEYS}")
 
 
+def renames_of(op: dict[str, Any]) -> dict[str, str]:
+    """Where existing modules move when ``op`` is applied: ``{old path: new path}`` (pure)."""
+    if op["op"] == "wrap_norm":
+        return {op["path"]: f"{op['path']}.0"}
+    if op["op"] == "wrap_residual":
+        span = op["span"]
+        if len(span) == 1:
+            return {op["path"]: f"{op['path']}.block"}
+        return {p: f"{op['path']}.block.{i}" for i, p in enumerate(span)}
+    return {}
+
+
 def _check_expect(op: dict[str, Any], found: str | list[str]) -> None:
     expect = op.get("expect")
     if expect is not None and expect != found:
@@ -148,7 +160,6 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         target = paths.get_module(model, path)
     except LookupError as err:
         raise RecordError(str(err)) from None
-    renames: dict[str, str] = {}
     if name == "replace_activation":
         _check_expect(op, type(target).__name__)
         new = ACTIVATIONS[op["new"]](**op["kwargs"])
@@ -157,7 +168,6 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         norm_cls = NORMS[op["norm"]]
         norm = norm_cls(op["num_features"], eps=op["eps"], momentum=op["momentum"], **_factory(target))
         new = nn.Sequential(target, norm)
-        renames[path] = f"{path}.0"
     elif name == "wrap_residual":
         span = op["span"]
         parent_name, first_key = paths.parent_path(path)
@@ -176,11 +186,6 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         _check_expect(op, [type(m).__name__ for m in modules])
         block = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
         new = Residual(block, alpha_init=float(op["alpha_init"]))
-        if len(span) == 1:
-            renames[path] = f"{path}.block"
-        else:
-            for i, p in enumerate(span):
-                renames[p] = f"{path}.block.{i}"
         for p in span[1:]:
             undo.set(model, p, nn.Identity())
     elif name == "swap_rnn":
@@ -195,7 +200,7 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
     if op.get("expect") is None:
         op["expect"] = [type(m).__name__ for m in modules] if name == "wrap_residual" else type(target).__name__
     undo.set(model, path, new)
-    return {"new": new, "renames": renames}
+    return {"new": new, "renames": renames_of(op)}
 
 
 def apply_all(model: nn.Module, ops: list[dict[str, Any]], on_applied: Callable[[dict, dict], None] | None = None) -> None:

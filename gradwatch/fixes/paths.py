@@ -89,10 +89,11 @@ def expr(path: str, model: nn.Module | None = None) -> str:
     module: nn.Module | None = model
     parts = _parts(path)
     for i, part in enumerate(parts):
-        child = module._modules.get(part) if module is not None else None
-        if part.isdigit() and (module is None or isinstance(module, nn.Sequential | nn.ModuleList)):
+        exists = module is not None and part in module._modules
+        child = module._modules[part] if exists else None
+        if part.isdigit() and (not exists or isinstance(module, nn.Sequential | nn.ModuleList)):
             out += f"[{part}]"
-        elif module is not None and isinstance(module, nn.ModuleDict):
+        elif exists and isinstance(module, nn.ModuleDict):
             out += f"[{part!r}]"
         elif part.isidentifier() and not keyword.iskeyword(part):
             out += f".{part}"
