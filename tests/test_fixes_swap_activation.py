@@ -136,3 +136,21 @@ def test_bad_target_names_the_allowed_ones():
         get_fix("swap_activation", to="swish")
     with pytest.raises(TypeError, match="allowed: \\['to', 'negative_slope'\\]"):
         get_fix("swap_activation", target="relu")
+
+
+def test_a_module_run_at_several_positions_is_refused_when_the_structure_counts_calls():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head, self.act = nn.Linear(5, 8), nn.Linear(8, 1), nn.Sigmoid()
+
+        def forward(self, x):
+            return self.act(self.head(self.act(self.fc(x))))  # the hidden and the output activation
+
+    model = Shared()
+    structure = observe_structure(model, torch.randn(2, 5))
+    structure["calls"] = {"act": 2}
+    finding = Finding("vanishing", ("fc",), "critical", "v", {"activations": ["act"]}, ("swap_activation",))
+    report = apply_fixes(model, Diagnosis(findings=(finding,), structure=structure))
+    assert report.changes[0].status == "refused" and "runs 2 times" in report.changes[0].reason
+    assert isinstance(model.act, nn.Sigmoid)

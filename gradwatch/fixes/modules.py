@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 
 class Residual(nn.Module):
@@ -102,7 +103,9 @@ class LSTMAsRNN(nn.LSTM):
                     elif name.startswith("bias_hh"):
                         param[hidden : 2 * hidden].zero_()
 
-    def forward(self, input, hx=None):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, input: Tensor | PackedSequence, hx: Tensor | None = None
+    ) -> tuple[Tensor | PackedSequence, Tensor]:
         if hx is not None:
             hx = (hx, torch.zeros_like(hx))
         output, (h_n, _c_n) = super().forward(input, hx)

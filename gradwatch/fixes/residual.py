@@ -78,6 +78,9 @@ class ResidualWrap(Fix):
         missing = [n for n in span if not topo.ran(n)]
         if missing:
             return None, f"{missing} did not run in the observed forward pass"
+        shared = [n for n in span if (topo.calls(n) or 1) > 1]
+        if shared:
+            return None, f"{shared} run more than once in forward(): wrapping them would change every use"
         # The block's modules must run one after the other, each once, with nothing else in between.
         positions = []
         for member in span:

@@ -120,6 +120,11 @@ class SwapActivation(Fix):
                 plan.refused[name] = "already swapped by an earlier fix"
             elif topo.observed and not topo.ran(name):
                 plan.refused[name] = "did not run in the observed forward pass"
+            elif (topo.calls(name) or 1) > 1:
+                plan.refused[name] = (
+                    f"runs {topo.calls(name)} times in forward(): one module shared by several positions (perhaps the "
+                    "output too); give each position its own module first"
+                )
             elif name in outputs:
                 plan.refused[name] = (
                     f"{type(module).__name__} runs after the last parameter layer: it defines the model's output range, "

@@ -67,6 +67,11 @@ class Topology:
         """True when ``name`` (a leaf or a container) ran in the observed forward pass."""
         return name in self._ran
 
+    def calls(self, name: str) -> int | None:
+        """How many times ``name`` ran in the observed pass, when the structure records it (``"calls"``)."""
+        value = self.structure.get("calls", {}).get(name)
+        return int(value) if value is not None else None
+
     def is_param_layer(self, name: str) -> bool:
         """A module owning parameters that is not a normalisation layer."""
         module = self.modules.get(name)
