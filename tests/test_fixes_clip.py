@@ -232,3 +232,5 @@ def test_without_optimizer_it_refuses_with_code_and_lower_lr_is_recommended():
     assert any("clip" in line for line in clip.code)
     assert lower.status == "recommended" and lower.details["factor"] == 0.1
     assert not report.changed
+    assert "# clip_gradients (exploding) - not applied: needs the optimizer" in report.code
+    assert "clipper = GradientClipper(\"autoclip\", percentile=10.0).attach(optimizer)" in report.code

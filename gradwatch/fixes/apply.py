@@ -8,7 +8,10 @@ Policy (which fixes are applied):
       it is the first applicable fix it is recorded as ``"recommended"`` and nothing changes.
     * ``he_init`` follows ``swap_activation`` onto the ReLU family, on the layers feeding the
       swapped modules (when ``only`` allows ``he_init``): a ReLU stack keeping a sigmoid-era
-      initialisation loses signal with depth.
+      initialisation loses signal with depth. Those layers may go beyond ``finding.layers`` (a
+      vanishing finding names the early layers, but the activations it names run all the way
+      down): every layer feeding a swapped activation is re-initialised, so that the whole ReLU
+      stack is at He scale.
     * A fix acts only on the layers its finding names; a module already handled by the same fix
       for an earlier finding is not handled twice, and at most one clipper is installed per
       optimizer.

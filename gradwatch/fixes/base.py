@@ -180,9 +180,10 @@ class Fix(ABC):
         return Applicability(plan.ok, plan.reason)
 
     def code(self, ctx: FixContext, finding: Finding) -> list[str]:
-        """Copy-pasteable Python doing the fix on the user's own ``model`` (empty if it does not apply)."""
+        """Copy-pasteable Python doing the fix on the user's own ``model`` (empty if it does not apply,
+        unless the fix has advice to give as code, like clipping without an optimizer)."""
         plan = self.plan(ctx, finding)
-        return plan.imports + plan.code if plan.ok else []
+        return plan.imports + plan.code if plan.code else []
 
     def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
         """In-place work of a non-structural fix (re-init, installing a clipper). Default: nothing."""

@@ -111,6 +111,7 @@ class ClipGradients(Fix):
         plan.details = {"clipper": config, "scope": "global (all the optimizer's parameters)"}
         plan.imports, plan.code = self._code(max_norm)
         if ctx.optimizer is None:
+            plan.details["code_is_advice"] = True
             plan.reason = (
                 "needs the optimizer to install its step pre-hook (pass optimizer=...); or add the code shown to "
                 "your loop after backward() and before optimizer.step()"

@@ -120,16 +120,22 @@ class FixReport:
 
     @property
     def code(self) -> str:
-        """All applied or planned changes as one copy-pasteable Python snippet (imports first)."""
+        """All applied, planned or recommended changes as one copy-pasteable Python snippet (imports
+        first); refused fixes that still have advice as code (clipping without an optimizer) follow
+        as such, with the reason in a comment."""
         imports: list[str] = []
         lines: list[str] = []
         for c in self.changes:
-            if c.status in ("applied", "planned", "recommended") and c.code:
-                for line in c.imports:
-                    if line not in imports:
-                        imports.append(line)
-                lines.append(f"# {c.fix}" + (f" ({c.finding})" if c.finding else ""))
-                lines.extend(c.code)
+            if not c.code or (c.status == "refused" and not c.details.get("code_is_advice")):
+                continue
+            for line in c.imports:
+                if line not in imports:
+                    imports.append(line)
+            head = f"# {c.fix}" + (f" ({c.finding})" if c.finding else "")
+            if c.status == "refused":
+                head += f" - not applied: {c.reason}"
+            lines.append(head)
+            lines.extend(c.code)
         return "\n".join(imports + ([""] if imports else []) + lines)
 
     def to_dict(self) -> dict[str, Any]:
