@@ -19,6 +19,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from lit_models import TRAINER_DEFAULTS, LitMLP, LitTwoOptimizers
 from torch import nn
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _trainer(tmp_path: Path, callback: GradWatchCallback, **kwargs: object) -> L.Trainer:
     options = {**TRAINER_DEFAULTS, "default_root_dir": str(tmp_path), "logger": False, "enable_checkpointing": False,
@@ -308,3 +310,17 @@ def test_tensorboard_logger_gets_everything_in_its_run_directory(tmp_path: Path)
     assert [e.step for e in events.Histograms("grad_hist/00.net.0")] == list(range(0, 16, 2))
     assert "gradwatch/gradient_flow" in tags["images"]
     assert {"gradwatch/diagnosis/text_summary", "custom_scalars__config__", "gradwatch/meta"} <= set(tags["tensors"])
+
+
+# -- the example -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_lightning_quickstart_example_runs_fast(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lightning_quickstart", ROOT / "examples" / "lightning_quickstart.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    callback = example.main(["--fast", "--logdir", str(tmp_path / "runs")])
+    assert callback.diagnosis is not None and "vanishing" in callback.diagnosis.kinds()
+    assert list((tmp_path / "runs").rglob("events.out.tfevents*"))
