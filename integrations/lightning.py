@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from gradwatch.activations import ACT_METRICS
@@ -82,17 +83,24 @@ class GradWatchCallback(Callback):
 
     Distributed and precision notes:
 
-    - DDP: gradients are already all-reduced in ``on_before_optimizer_step``, so the statistics are
-      identical on every rank; nothing extra is communicated.
-    - FSDP2 / ``ModelParallelStrategy`` (``DTensor`` parameters) and FSDP (``FSDPStrategy``): each rank
-      holds a shard, so per-layer rows are all-reduced across ranks before the host copy (sum of
-      squares then square root, max of max; one small collective per collected step, on every rank).
+    - DDP: gradients are already all-reduced in ``on_before_optimizer_step``, so gradient and weight
+      statistics are identical on every rank and nothing extra is communicated. Activation
+      statistics and the loss are those of each rank's local batch. With ``fail_on``, the stop
+      decision is reduced across ranks (every rank stops at the same step).
+    - FSDP2 / ``ModelParallelStrategy`` (``DTensor`` parameters, tensor parallelism included) and
+      FSDP (``FSDPStrategy``): each rank holds shards, so per-layer rows are all-reduced across ranks
+      before the host copy (sums of squares added then square root, max of max, element counts
+      added; one small collective per collected step, on every rank). A layer that is replicated
+      rather than sharded is counted once. A layer that mixes sharded and replicated parameters
+      (e.g. ``RowwiseParallel``'s replicated bias) counts its replicated parameters once per
+      replica (a warning says so).
     - ``16-mixed`` (``GradScaler``): Lightning unscales before ``on_before_optimizer_step``, so
-      statistics are of the true gradients; for fused optimizers (which unscale inside ``step``) they
-      are divided by ``scaler.get_scale()``; an isolated inf/NaN step is loss-scale calibration,
-      not a ``nonfinite`` finding. ``bf16-mixed`` needs no scaler; statistics are float32 either way.
-    - ``torch.compile``: layer names carry no ``_orig_mod.``; if forward hooks cannot run inside the
-      compiled model, activation statistics are turned off with one notice.
+      statistics are of the true gradients; for fused optimizers (which unscale inside ``step()``)
+      the statistics are divided by ``scaler.get_scale()``. An inf/NaN step is loss-scale
+      calibration, not a failure, until the scale falls below 1. ``bf16-mixed`` needs no scaler;
+      statistics are computed in float32 either way.
+    - ``torch.compile``: layer names carry no ``_orig_mod.``; activation statistics are turned off
+      with one notice, because forward hooks would break the compiled graph into pieces.
 
     Args:
         every_n_steps: collect every n-th optimizer step. Default: ``1``.
@@ -229,6 +237,9 @@ class GradWatchCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            rank_zero_warn("gradwatch: DeepSpeed keeps gradients in its own partitioned buffers (`param.grad` is None "
+                           "under ZeRO stage 2/3), so GradWatchCallback may record no gradient statistics")
         # Hook point for auto-fix: a structural fix applied in an earlier run must be replayed here
         # (before the checkpoint's weights are loaded strictly), e.g. from ``trainer.ckpt_path``.
         self._replay_fixes(trainer, pl_module)
@@ -274,7 +285,7 @@ class GradWatchCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         watcher.history.context["amp_loss_scaling"] = scaler is not None
         self._unscale = _Unscaler(scaler) if scaler is not None else None
-        reducer = _ShardReducer.for_module(pl_module, watcher, trainer.world_size)
+        reducer = _ShardReducer.for_trainer(trainer, pl_module, watcher)
         if reducer is not None or self._unscale is not None:
             watcher.row_reducer = _compose(reducer, self._unscale)
         if self._pending_state is not None:
@@ -615,11 +626,14 @@ class _ShardReducer:
         self._replicas: torch.Tensor | None = None
 
     @classmethod
-    def for_module(cls, module: torch.nn.Module, watcher: GradWatcher, world_size: int) -> _ShardReducer | None:
+    def for_trainer(cls, trainer: Trainer, module: torch.nn.Module, watcher: GradWatcher) -> _ShardReducer | None:
+        world_size = trainer.world_size
         if world_size <= 1:
             return None
+        # FSDP (FSDPStrategy, use_orig_params=True): parameters are plain tensors holding this rank's
+        # flat shard. FSDP2 / ModelParallelStrategy / tensor parallelism: DTensor parameters.
+        fsdp1 = isinstance(trainer.strategy, FSDPStrategy)
         dtensor = any(_is_dtensor(p) for p in module.parameters())
-        fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules())
         return cls(watcher, world_size, flat_sharded=fsdp1) if dtensor or fsdp1 else None
 
     def replicas(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Two-process Lightning run for the distributed tests: ``python dist_script.py {ddp,fsdp2} OUT_DIR``.
+"""Two-process Lightning run for the distributed tests: ``python dist_script.py {ddp,fsdp2,tp} OUT_DIR``.
 
 Run by ``test_lightning_distributed.py`` in a subprocess (Lightning's DDP launcher re-runs this
 script for rank 1). Each rank writes what it recorded to ``OUT_DIR/rank{r}.csv`` and
@@ -16,7 +16,7 @@ import torch
 from gradwatch.integrations.lightning import GradWatchCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lit_models import TRAINER_DEFAULTS, LitMLP, LitShardedMLP
+from lit_models import TRAINER_DEFAULTS, LitMLP, LitShardedMLP, LitTensorParallelMLP
 
 
 def main(mode: str, out: Path) -> None:
@@ -25,6 +25,9 @@ def main(mode: str, out: Path) -> None:
     if mode == "ddp":
         model: LitMLP = LitMLP(record_reference=True, n=64, batch_size=8)
         strategy: object = "ddp"
+    elif mode == "tp":
+        model = LitTensorParallelMLP(record_reference=True, n=64, batch_size=8)
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
     else:
         model = LitShardedMLP(record_reference=True, n=64, batch_size=8, width=15)  # odd sizes: uneven shards
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)

@@ -114,6 +114,19 @@ class LitShardedMLP(LitMLP):
         fully_shard(self.net, mesh=mesh)
 
 
+class LitTensorParallelMLP(LitMLP):
+    """``LitMLP`` with its first two Linear layers column-parallel (weights and biases sharded over the
+    tensor-parallel mesh, outputs replicated) and the last one a plain, replicated layer."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh = self.device_mesh["tensor_parallel"]
+        plan = {"net.0": ColwiseParallel(output_layouts=Replicate()), "net.2": ColwiseParallel(output_layouts=Replicate())}
+        parallelize_module(self, mesh, plan)
+
+
 class LitTwoOptimizers(L.LightningModule):
     """Manual optimization with two optimizers stepping one after the other in each batch."""
 
