@@ -1,14 +1,35 @@
-"""Batched per-layer gradient statistics: one pass of fused ops, one host copy per step.
+"""Batched per-layer gradient statistics: a few fused passes over the gradients, one host copy per step.
 
-The statistics of every layer are computed with ``torch._foreach_*`` reductions over all
-gradients at once, scattered into per-layer rows on the gradients' device, stacked into one
-small tensor and copied to the host once. Nothing here loops over layers in Python on the hot
-path; the only Python loop is over parameters to read ``.grad`` (an attribute read each).
+Every collected step computes, for every layer, the sum of squares (L2 norm) and the largest
+magnitude of its gradients; every ``slow`` step (the watcher's ``slow_stats_every_n`` cadence)
+adds the L1 norm (mean |g|), the count of exact zeros, the weight norm and, on the collected step
+after it, the size of the optimizer update. Per-parameter results are scattered into per-layer
+rows on the gradients' device (``index_add_``/``scatter_reduce_``) and the watcher copies that one
+small tensor to the host. Nothing syncs with the device before that copy.
 
-Non-finite values do not poison the finite statistics: a non-finite value makes its layer's
-sum of squares non-finite, which is how it is detected for free; only then (a rare, already
-broken step) a slow path counts the non-finite values and recomputes that layer's statistics
-over its finite values in float64, at the cost of extra host syncs.
+How the reductions are batched depends on the device, because the costs differ (see
+``benchmarks/overhead.py --ops``):
+
+- on accelerators, ``torch._foreach_norm`` (orders 2 and inf; 1 and 0 on slow steps) runs as a few
+  multi-tensor kernels whatever the number of parameters;
+- on CPU, ``_foreach_*`` is a C++ loop of one full reduction per tensor, and any large temporary
+  (``abs()``, an infinity norm) costs more than the reduction itself. So large float32 tensors
+  (>= 32K elements) are reduced with a BLAS dot product and ``aminmax`` per tensor -- each reads
+  the tensor once, no temporary, the second read hitting the cache -- and small tensors are
+  stacked by shape (one copy of a few KiB) and reduced along one dimension, so a model with
+  thousands of small layers pays a handful of ops per shape, not per tensor. The slow step's L1
+  norm and zero count come from ``sign(g)`` in a small reusable scratch buffer:
+  ``g . sign(g) = sum |g|`` and ``sign(g) . sign(g)`` = number of non-zeros.
+
+Non-finite values do not poison the finite statistics: a NaN or Inf makes its layer's sum of
+squares non-finite, which is how it is detected for free (a finite sum of squares proves every
+element finite); only then (a rare, already broken step) :meth:`GradientCollector._repair` counts
+the non-finite values and recomputes that layer's statistics over its finite values in float64,
+at the cost of extra host syncs. Sums of squares that overflow float32 take the same path.
+
+Memory: nothing parameter-sized is allocated per step. With ``track_updates`` the collector keeps
+one persistent copy of the weights (allocated on the first slow step, reused, freed by the watcher's
+``close()``); the CPU scratch buffer is at most 4 MiB per device.
 """
 
 from __future__ import annotations
@@ -17,6 +38,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gradwatch.layers import LayerInfo
@@ -24,19 +46,25 @@ from gradwatch.layers import LayerInfo
 #: Per-layer gradient metrics, in the column order of the history's gradient table.
 GRAD_METRICS: tuple[str, ...] = (
     "grad_norm",        # L2 norm of the layer's gradients (finite values)
-    "grad_mean_abs",    # mean |g| over the layer's elements that have a gradient
+    "grad_mean_abs",    # mean |g| over the layer's elements that have a gradient (slow-stat cadence)
     "grad_max_abs",     # max |g| (finite values)
-    "grad_zero_frac",   # fraction of exactly-zero gradient elements (on the slow-stat cadence)
+    "grad_zero_frac",   # fraction of exactly-zero gradient elements (slow-stat cadence)
     "nonfinite",        # count of NaN/Inf gradient elements
-    "weight_norm",      # L2 norm of the layer's parameters (on the slow-stat cadence)
+    "weight_norm",      # L2 norm of the layer's parameters (slow-stat cadence)
     "grad_to_weight",   # grad_norm / weight_norm (latest weight norm)
-    "update_ratio",     # ||w_{t+1} - w_t|| / ||w_t|| of one optimizer step (slow-stat cadence)
+    "update_ratio",     # ||w_{t+1} - w_t|| / ||w_t|| of one optimizer step (step after a slow step)
 )
 G = {name: i for i, name in enumerate(GRAD_METRICS)}
 
 # Rows of the on-device result tensor.
 _SUMSQ, _L1, _MAX, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ = range(8)
 _N_ROWS = 8
+
+#: CPU: tensors with at least this many elements are reduced one by one with BLAS (the Python call
+#: costs < 10 % of the reduction); smaller ones are stacked by shape and reduced together.
+_BIG = 1 << 15
+#: CPU: elements per chunk of the slow step's ``sign`` scratch buffer (4 MiB, stays in cache).
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -63,13 +91,50 @@ def _as_real_dense(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
+class _Plan:
+    """How one list of tensors (one device, a fixed set of parameters) is reduced, cached per layout.
+
+    Slots are the tensors in computation order: the ``big`` ones (CPU: one BLAS reduction each),
+    then the ``groups`` of equally shaped small ones (stacked), then the ``other`` ones (one
+    ``_foreach_norm`` call; everything on accelerators). ``idx[s]`` is the layer of slot ``s``.
+    """
+
+    __slots__ = ("big", "groups", "other", "order", "idx", "numel_row", "acc", "positions")
+
+    def __init__(self, tensors: list[torch.Tensor], positions: list[int], owner: list[int], numel: list[int],
+                 n_layers: int, device: torch.device, acc: torch.dtype, batched: bool):
+        self.big: list[int] = []
+        groups: dict[tuple, list[int]] = {}
+        self.other: list[int] = []
+        for j, t in enumerate(tensors):
+            if t.numel() == 0:  # contributes nothing (and has no infinity norm)
+                continue
+            if not batched:
+                self.other.append(j)
+            elif t.dtype == torch.float32 and t.numel() >= _BIG and t.is_contiguous():
+                self.big.append(j)
+            elif t.numel() < _BIG:
+                groups.setdefault((tuple(t.shape), t.dtype), []).append(j)
+            else:
+                self.other.append(j)
+        self.groups = list(groups.values())
+        self.order = self.big + [j for grp in self.groups for j in grp] + self.other
+        self.positions = [positions[j] for j in self.order]
+        self.idx = torch.tensor([owner[i] for i in self.positions], dtype=torch.long, device=device)
+        row = torch.zeros(n_layers, dtype=torch.float64)
+        row.index_add_(0, self.idx.cpu(), torch.tensor([float(numel[i]) for i in self.positions], dtype=torch.float64))
+        self.numel_row = row.to(device=device, dtype=acc)
+        self.acc = acc
+
+
 class GradientCollector:
     """Computes per-layer gradient statistics for a fixed list of layers.
 
     Args:
         layers: the layers, in the order their rows should appear (depth order).
-        track_updates: on slow-stat steps keep a copy of the weights (one extra parameter-sized
-            buffer until the next collected step) to measure the update-to-weight ratio.
+        track_updates: on slow-stat steps copy the weights into a persistent buffer (one extra
+            parameter-sized buffer, allocated once) to measure the update-to-weight ratio on the
+            next collected step.
     """
 
     def __init__(self, layers: Sequence[LayerInfo], track_updates: bool = True):
@@ -78,9 +143,13 @@ class GradientCollector:
         owner = [i for i, layer in enumerate(self.layers) for _ in layer.params]
         self._owner = owner
         self._numel = [_local(p).numel() for p in self.params]  # local shard (reduced across ranks)
-        self._index_cache: dict[tuple[torch.device, tuple[int, ...] | None], torch.Tensor] = {}
-        self._last_weight_norm = torch.full((len(self.layers),), math.nan, dtype=torch.float64)
-        self._snapshot: list[torch.Tensor] | None = None
+        self._plans: dict[tuple, _Plan] = {}
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._last_weight_norm = np.full(len(self.layers), math.nan)
+        #: persistent weight copies (per parameter position) for the update ratio; ``None`` frees them
+        self._snapshot: list[torch.Tensor | None] | None = None
+        #: per device: (layout key, per-slot squared weight norms) of the last snapshot taken
+        self._snap_state: dict[torch.device, tuple[tuple, torch.Tensor]] = {}
         self._had_snapshot = False
         self.track_updates = track_updates
 
@@ -89,15 +158,76 @@ class GradientCollector:
         return len(self.layers)
 
     # -- device side ---------------------------------------------------------------------------
-    def _owner_index(self, device: torch.device, positions: list[int]) -> torch.Tensor:
-        key = (device, tuple(positions) if len(positions) != len(self.params) else None)
-        idx = self._index_cache.get(key)
-        if idx is None:
-            idx = torch.tensor([self._owner[i] for i in positions], dtype=torch.long, device=device)
-            if len(self._index_cache) > 64:
-                self._index_cache.clear()
-            self._index_cache[key] = idx
-        return idx
+    def _plan(self, kind: str, device: torch.device, positions: list[int], tensors: list[torch.Tensor],
+              acc: torch.dtype, odd: bool) -> tuple[tuple, _Plan]:
+        key = (kind, device, acc, odd, tuple(positions) if len(positions) != len(self.params) else None)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 64:
+                self._plans.clear()
+            batched = device.type == "cpu" and not odd
+            plan = self._plans[key] = _Plan(tensors, positions, self._owner, self._numel, self.n_layers, device, acc,
+                                            batched)
+        return key, plan
+
+    def _scratch_for(self, device: torch.device) -> torch.Tensor:
+        s = self._scratch.get(device)
+        if s is None:
+            s = self._scratch[device] = torch.empty(_CHUNK, dtype=torch.float32, device=device)
+        return s
+
+    def _reduce(self, plan: _Plan, tensors: list[torch.Tensor], full: bool, extra: bool) -> list[torch.Tensor]:
+        """Per-slot ``[sumsq, max|x|]`` (``full``) or ``[sumsq]``; with ``extra`` also ``[l1, nonzeros]``."""
+        acc = plan.acc
+        cols: list[list[torch.Tensor]] = [[] for _ in range(4 if extra else (2 if full else 1))]
+        if plan.big:
+            sq, lo, hi, l1, nz = [], [], [], [], []
+            scratch = self._scratch_for(tensors[plan.big[0]].device) if extra else None
+            for j in plan.big:
+                t = tensors[j]
+                if t.dtype != torch.float32 or not t.is_contiguous():  # changed since the plan was made
+                    t = t.detach().reshape(-1).to(torch.float32)
+                v = t.view(-1)
+                sq.append(torch.vdot(v, v))
+                if full:
+                    mn, mx = torch.aminmax(v)
+                    lo.append(mn)
+                    hi.append(mx)
+                if extra:
+                    a = b = None
+                    for chunk in v.split(_CHUNK):
+                        s = scratch[: chunk.numel()]
+                        torch.sign(chunk, out=s)
+                        da, db = torch.vdot(chunk, s), torch.vdot(s, s)
+                        a, b = (da, db) if a is None else (a + da, b + db)
+                    l1.append(a)
+                    nz.append(b)
+            cols[0].append(torch.stack(sq).to(acc))
+            if full:
+                cols[1].append(torch.maximum(torch.stack(hi), torch.stack(lo).neg_()).to(acc))
+            if extra:
+                cols[2].append(torch.stack(l1).to(acc))
+                cols[3].append(torch.stack(nz).to(acc))
+        for grp in plan.groups:
+            x = torch.stack([tensors[j] for j in grp]).reshape(len(grp), -1)
+            if x.dtype != acc:
+                x = x.to(acc)
+            cols[0].append(torch.linalg.vector_norm(x, dim=1).square_())
+            if full:
+                mn, mx = torch.aminmax(x, dim=1)
+                cols[1].append(torch.maximum(mx, mn.neg_()))
+            if extra:
+                cols[2].append(torch.linalg.vector_norm(x, 1, dim=1))
+                cols[3].append(torch.count_nonzero(x, dim=1).to(acc))
+        if plan.other:
+            other = [tensors[j] for j in plan.other]
+            cols[0].append(torch.stack(torch._foreach_norm(other, 2, dtype=acc)).square_())
+            if full:
+                cols[1].append(torch.stack(torch._foreach_norm(other, math.inf, dtype=acc)))
+            if extra:
+                cols[2].append(torch.stack(torch._foreach_norm(other, 1, dtype=acc)))
+                cols[3].append(torch.stack(torch._foreach_norm(other, 0, dtype=acc)))
+        return [c[0] if len(c) == 1 else torch.cat(c) for c in cols]
 
     def _device_rows(
         self,
@@ -105,76 +235,89 @@ class GradientCollector:
         positions: list[int],
         grads: list[torch.Tensor],
         slow: bool,
-        snapshot: list[torch.Tensor] | None,
+        odd: bool,
     ) -> torch.Tensor:
-        """(_N_ROWS, n_layers) float32 statistics for the gradients living on one device."""
-        n = self.n_layers
-        idx = self._owner_index(device, positions)
-        # float32 accumulation whatever the parameter dtype (fp16/bf16 too); float64 gradients
-        # keep float64 (a narrowing dtype is refused by the norm kernels).
-        f32 = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        sq = torch.stack(torch._foreach_norm(grads, 2, dtype=f32)).square_()
-        l1 = torch.stack(torch._foreach_norm(grads, 1, dtype=f32))
-        mx = torch.stack(torch._foreach_norm(grads, math.inf, dtype=f32))
-        numel = torch.tensor([float(self._numel[i]) for i in positions], dtype=f32, device=device)
-        out = torch.zeros(_N_ROWS, n, dtype=f32, device=device)
-        out[_SUMSQ].index_add_(0, idx, sq)
-        out[_L1].index_add_(0, idx, l1)
-        out[_MAX].scatter_reduce_(0, idx, mx, reduce="amax", include_self=True)
-        out[_NUMEL].index_add_(0, idx, numel)
+        """(_N_ROWS, n_layers) statistics for the gradients living on one device (float32; float64
+        when a gradient is float64)."""
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        key, plan = self._plan("grad", device, positions, grads, acc, odd)
+        idx = plan.idx
+        out = torch.zeros(_N_ROWS, self.n_layers, dtype=acc, device=device)
+        stats = self._reduce(plan, grads, full=True, extra=slow)
+        out[_SUMSQ].index_add_(0, idx, stats[0])
+        out[_MAX].scatter_reduce_(0, idx, stats[1], reduce="amax", include_self=True)
+        out[_NUMEL] = plan.numel_row
         if slow:
-            zeros = torch.stack([(g == 0).sum() for g in grads]).to(f32)
-            out[_ZEROS].index_add_(0, idx, zeros)
-            params = [_as_real_dense(self.params[i].detach()) for i in positions]
-            wsq = torch.stack(torch._foreach_norm(params, 2, dtype=f32)).square_()
-            out[_WSUMSQ].index_add_(0, idx, wsq)
-        if snapshot is not None:
-            current = [_local(self.params[i].detach()) for i in positions]
-            before = [snapshot[i] for i in positions]
-            diff = torch._foreach_sub(current, before)
-            out[_DSQ].index_add_(0, idx, torch.stack(torch._foreach_norm(diff, 2, dtype=f32)).square_())
-            out[_SNAPSQ].index_add_(0, idx, torch.stack(torch._foreach_norm(before, 2, dtype=f32)).square_())
+            out[_L1].index_add_(0, idx, stats[2])
+            out[_ZEROS] = plan.numel_row
+            out[_ZEROS].index_add_(0, idx, stats[3], alpha=-1)
+        snapshot = self._snapshot if self.track_updates else None
+        state = self._snap_state.pop(device, None)
+        if snapshot is not None or slow:
+            # weights: slot order of the parameters' own plan (same positions as the gradients)
+            params = [_local(self.params[i].detach()) for i in positions]
+            params = [w if w.layout == torch.strided and not w.is_complex() else _as_real_dense(w) for w in params]
+            wkey, wplan = self._plan("weight", device, positions, params, acc, False)
+            if snapshot is not None and state is not None and state[0] == wkey:
+                # one optimizer step since the snapshot: ||w_t - w_{t+1}|| (in place in the buffer)
+                before = [snapshot[i] for i in positions]
+                torch._foreach_sub_(before, params)
+                out[_DSQ].index_add_(0, wplan.idx, self._reduce(wplan, before, full=False, extra=False)[0])
+                out[_SNAPSQ].index_add_(0, wplan.idx, state[1])
+                self._had_snapshot = True
+            if slow:
+                wsq = self._reduce(wplan, params, full=False, extra=False)[0]
+                out[_WSUMSQ].index_add_(0, wplan.idx, wsq)
+                if self.track_updates:
+                    snap = self._snapshot_buffers(positions, params)
+                    torch._foreach_copy_([snap[i] for i in positions], params)
+                    self._snap_state[device] = (wkey, wsq)
         return out
+
+    def _snapshot_buffers(self, positions: list[int], params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        snap = self._snapshot
+        if snap is None or len(snap) != len(self.params):
+            snap = self._snapshot = [None] * len(self.params)
+        for i, w in zip(positions, params, strict=True):
+            s = snap[i]
+            if s is None or s.shape != w.shape or s.dtype != w.dtype or s.device != w.device:
+                snap[i] = torch.empty_like(w, memory_format=torch.contiguous_format)
+        return snap
 
     def compute_on_device(self, slow: bool) -> list[tuple[torch.device, torch.Tensor, list[int]]]:
         """Launch the statistics; returns per device the (rows, layers) tensor, not yet copied.
 
-        On a slow-stat step the weights are also snapshotted, so the next call measures the size
-        of the optimizer update that happened in between (the update-to-weight ratio).
+        On a slow-stat step the weights are also copied into a persistent buffer, so the next call
+        measures the size of the optimizer update that happened in between (the update-to-weight
+        ratio).
         """
-        snapshot = self._usable_snapshot()
-        self._snapshot = None
-        by_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                continue
-            if g.layout != torch.strided or g.is_complex() or type(g) is not torch.Tensor:
-                g = _as_real_dense(g)
-            entry = by_device.get(g.device)
-            if entry is None:
-                entry = by_device[g.device] = ([], [])
-            entry[0].append(i)
-            entry[1].append(g)
-        partials = [
-            (device, self._device_rows(device, positions, grads, slow, snapshot), positions)
-            for device, (positions, grads) in by_device.items()
-        ]
-        self._had_snapshot = snapshot is not None
-        if slow and self.track_updates:
-            with torch.no_grad():
-                self._snapshot = [_local(p.detach()).clone() for p in self.params]
+        self._had_snapshot = False
+        by_device: dict[torch.device, tuple[list[int], list[torch.Tensor], list[bool]]] = {}
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is None:
+                    continue
+                odd = False
+                if g.layout != torch.strided or g.is_complex() or type(g) is not torch.Tensor:
+                    g = _as_real_dense(g)
+                    odd = True
+                entry = by_device.get(g.device)
+                if entry is None:
+                    entry = by_device[g.device] = ([], [], [False])
+                entry[0].append(i)
+                entry[1].append(g)
+                if odd:
+                    entry[2][0] = True
+            if self._snapshot is not None and not self.track_updates:
+                self._snapshot = None
+            partials = [
+                (device, self._device_rows(device, positions, grads, slow, flag[0]), positions)
+                for device, (positions, grads, flag) in by_device.items()
+            ]
+            for device in [d for d in self._snap_state if d not in by_device]:
+                del self._snap_state[device]
         return partials
-
-    def _usable_snapshot(self) -> list[torch.Tensor] | None:
-        snap = self._snapshot
-        if snap is None or len(snap) != len(self.params):
-            return None
-        for s, p in zip(snap, self.params, strict=True):
-            p = _local(p)
-            if s.shape != p.shape or s.device != p.device or s.dtype != p.dtype:
-                return None
-        return snap
 
     # -- host side -----------------------------------------------------------------------------
     def finish(
@@ -182,46 +325,45 @@ class GradientCollector:
     ) -> StepStats:
         """Combine per-device host copies into per-layer metrics (float64)."""
         n = self.n_layers
-        rows = torch.zeros(_N_ROWS, n, dtype=torch.float64)
-        for t in host:
-            t = t.to(torch.float64)
-            rows[_SUMSQ] += t[_SUMSQ]
-            rows[_L1] += t[_L1]
-            rows[_MAX] = torch.maximum(rows[_MAX], t[_MAX])
-            rows[_NUMEL] += t[_NUMEL]
-            rows[_ZEROS] += t[_ZEROS]
-            rows[_WSUMSQ] += t[_WSUMSQ]
-            rows[_DSQ] += t[_DSQ]
-            rows[_SNAPSQ] += t[_SNAPSQ]
-        nonfinite = torch.zeros(n, dtype=torch.float64)
-        bad = [
-            i for i in range(n)
-            if not (math.isfinite(rows[_SUMSQ, i]) and math.isfinite(rows[_L1, i]) and math.isfinite(rows[_MAX, i]))
-        ]
+        if len(host) == 1:
+            rows = host[0].numpy().astype(np.float64)  # a copy: _repair may write into it
+        else:
+            rows = np.zeros((_N_ROWS, n))
+            rows[_MAX] = -np.inf
+            for t in host:
+                a = t.numpy().astype(np.float64)
+                rows[_SUM_ROWS] += a[_SUM_ROWS]
+                rows[_MAX] = np.maximum(rows[_MAX], a[_MAX])
+        nonfinite = np.zeros(n)
+        present = rows[_NUMEL] > 0
+        check = rows[_SUMSQ] + rows[_MAX] + (rows[_L1] if slow else 0.0)
+        bad = np.flatnonzero(present & ~np.isfinite(check)).tolist()
         if bad:
             self._repair(rows, nonfinite, bad, slow)
-        values = torch.full((n, len(GRAD_METRICS)), math.nan, dtype=torch.float64)
-        present = rows[_NUMEL] > 0
-        norm = rows[_SUMSQ].sqrt()
-        values[:, G["grad_norm"]] = torch.where(present, norm, math.nan)
-        values[:, G["grad_mean_abs"]] = torch.where(present, rows[_L1] / rows[_NUMEL].clamp_min(1), math.nan)
-        values[:, G["grad_max_abs"]] = torch.where(present, rows[_MAX], math.nan)
-        values[:, G["nonfinite"]] = torch.where(present, nonfinite, math.nan)
-        if slow:
-            values[:, G["grad_zero_frac"]] = torch.where(present, rows[_ZEROS] / rows[_NUMEL].clamp_min(1), math.nan)
-            wnorm = rows[_WSUMSQ].sqrt()
-            self._last_weight_norm = torch.where(present, wnorm, self._last_weight_norm)
-            values[:, G["weight_norm"]] = torch.where(present, wnorm, math.nan)
-        if self._had_snapshot:
-            snap = rows[_SNAPSQ]
-            values[:, G["update_ratio"]] = torch.where(snap > 0, (rows[_DSQ] / snap).sqrt(), math.nan)
-        w = self._last_weight_norm
-        ratio = torch.where(w > 0, norm / w, math.nan)
-        values[:, G["grad_to_weight"]] = torch.where(present, ratio, math.nan)
-        total = float(rows[_SUMSQ][present].sum().sqrt()) if bool(present.any()) else math.nan
-        return StepStats(values=values, total_norm=total, nonfinite_layers=bad if nonfinite.any() else [])
+        values = np.full((n, len(GRAD_METRICS)), np.nan)
+        numel = np.maximum(rows[_NUMEL], 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm = np.sqrt(rows[_SUMSQ])
+            values[:, G["grad_norm"]] = np.where(present, norm, np.nan)
+            values[:, G["grad_max_abs"]] = np.where(present, rows[_MAX], np.nan)
+            values[:, G["nonfinite"]] = np.where(present, nonfinite, np.nan)
+            if slow:
+                values[:, G["grad_mean_abs"]] = np.where(present, rows[_L1] / numel, np.nan)
+                values[:, G["grad_zero_frac"]] = np.where(present, rows[_ZEROS] / numel, np.nan)
+                wnorm = np.sqrt(rows[_WSUMSQ])
+                self._last_weight_norm = np.where(present, wnorm, self._last_weight_norm)
+                values[:, G["weight_norm"]] = np.where(present, wnorm, np.nan)
+            if self._had_snapshot:
+                snap = rows[_SNAPSQ]
+                values[:, G["update_ratio"]] = np.where(snap > 0, np.sqrt(rows[_DSQ] / np.where(snap > 0, snap, 1)), np.nan)
+            w = self._last_weight_norm
+            ratio = np.where(w > 0, norm / np.where(w > 0, w, 1), np.nan)
+            values[:, G["grad_to_weight"]] = np.where(present, ratio, np.nan)
+        total = float(np.sqrt(rows[_SUMSQ][present].sum())) if present.any() else math.nan
+        return StepStats(values=torch.from_numpy(values), total_norm=total,
+                         nonfinite_layers=bad if nonfinite.any() else [])
 
-    def _repair(self, rows: torch.Tensor, nonfinite: torch.Tensor, bad: list[int], slow: bool) -> None:
+    def _repair(self, rows: np.ndarray, nonfinite: np.ndarray, bad: list[int], slow: bool) -> None:
         """Slow path for layers whose reductions are non-finite: count, then recompute over finite values."""
         for li in bad:
             sumsq = l1 = mx = zeros = 0.0
@@ -237,8 +379,8 @@ class GradientCollector:
                     sumsq += float(gf.square().sum())
                     l1 += float(gf.abs().sum())
                     mx = max(mx, float(gf.abs().max()))
-                if slow:
-                    zeros += float((g == 0).sum())
+                if slow:  # a sparse gradient's implicit elements are zeros too
+                    zeros += float((g == 0).sum()) + (_local(p).numel() - g.numel())
             nonfinite[li] = count
             rows[_SUMSQ, li] = sumsq
             rows[_L1, li] = l1
