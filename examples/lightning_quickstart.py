@@ -1,11 +1,13 @@
-"""Lightning quickstart: one callback watches a deep sigmoid MLP's gradients vanish.
+"""Lightning quickstart: one callback watches a reference model's gradients and diagnoses them.
 
-    python examples/lightning_quickstart.py [--fast] [--logdir runs/lightning] [--fail-on-nonfinite]
+    python examples/lightning_quickstart.py [--model sigmoid_mlp] [--fast] [--logdir runs/lightning]
 
-The callback reads per-layer gradient statistics once per optimizer step (after accumulation and
-AMP unscaling, before clipping), logs them through the Trainer's TensorBoardLogger (scalars,
-histograms, a gradient-flow figure, the diagnosis as text) and prints the diagnosis at epoch ends
-when it changes and at the end of fit. Then: ``tensorboard --logdir runs/lightning``.
+Any case of ``gradwatch.models`` (``--model``; ``python -c "import gradwatch.models as m;
+print(m.list_models())"``) is wrapped in a small LightningModule. The callback reads per-layer
+gradient statistics once per optimizer step (after accumulation and AMP unscaling, before
+clipping), writes them through the Trainer's TensorBoardLogger (scalars, histograms, a
+gradient-flow figure, the diagnosis as text) and prints the diagnosis at epoch ends when it
+changes and at the end of fit. Then: ``tensorboard --logdir runs/lightning``.
 """
 
 from __future__ import annotations
@@ -14,70 +16,68 @@ import argparse
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from gradwatch.integrations.lightning import GradWatchCallback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from gradwatch import models
 
-class DeepSigmoidMLP(L.LightningModule):
-    """A classic vanishing-gradient model: many sigmoid layers at default init, plain SGD."""
 
-    def __init__(self, depth: int = 12, width: int = 64, lr: float = 0.1) -> None:
+class ReferenceModule(L.LightningModule):
+    """A ``gradwatch.models`` reference case (model, task, loss, optimizer) as a LightningModule."""
+
+    def __init__(self, case: models.ReferenceCase) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Linear(20, width), nn.Sigmoid()]
-        for _ in range(depth - 2):
-            layers += [nn.Linear(width, width), nn.Sigmoid()]
-        layers.append(nn.Linear(width, 2))
-        self.net = nn.Sequential(*layers)
-        self.lr = lr
+        self.case = case
+        self.model = case.model
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
+        inputs, targets = batch
+        loss = self.case.loss_fn(self.model(inputs), targets)
         self.log("train_loss", loss)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return self.case.make_optimizer(self.model.parameters())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.case.inputs, self.case.targets), batch_size=self.case.batch_size)
 
 
 def main(argv: list[str] | None = None) -> GradWatchCallback:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="a few seconds: fewer samples and epochs")
+    parser.add_argument("--model", default="sigmoid_mlp", choices=models.list_models(), help="reference case")
+    parser.add_argument("--fast", action="store_true", help="a few seconds: 24 optimizer steps")
     parser.add_argument("--logdir", default="runs/lightning", help="TensorBoardLogger save_dir")
     parser.add_argument("--fail-on-nonfinite", action="store_true", help="stop training on NaN/Inf gradients")
     args = parser.parse_args(argv)
 
     L.seed_everything(0, verbose=False)
-    n, epochs = (512, 2) if args.fast else (4096, 5)
-    x = torch.randn(n, 20)
-    y = (x[:, 0] * x[:, 1] > 0).long()
-    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-
+    case = models.create(args.model)
+    steps = 24 if args.fast else case.default_steps
     gradwatch_cb = GradWatchCallback(                      # the one line that matters
         fail_on=("nonfinite",) if args.fail_on_nonfinite else (),
-        histogram_every_n_steps=20 if args.fast else 100,
+        histogram_every_n_steps=10 if args.fast else 50,
+        activation_every_n_steps=5 if args.fast else 25,
     )
     trainer = L.Trainer(
         accelerator="cpu",
-        max_epochs=epochs,
-        accumulate_grad_batches=2,                           # statistics once per optimizer step
-        logger=TensorBoardLogger(args.logdir, name="deep_sigmoid"),
+        max_steps=steps,
+        logger=TensorBoardLogger(args.logdir, name=args.model),
         callbacks=[gradwatch_cb],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         log_every_n_steps=10,
     )
-    trainer.fit(DeepSigmoidMLP(), loader)
+    trainer.fit(ReferenceModule(case))
 
     diagnosis = gradwatch_cb.diagnosis                       # also printed at the end of fit
     df = gradwatch_cb.to_dataframe()                         # long format: step, layer, metric, value
     norms = df[(df.metric == "grad_norm") & (df.layer != "(total)")].groupby("layer", sort=False)["value"].median()
-    print(f"\nmedian per-layer gradient norm (input -> output):\n{norms.to_string()}")
-    print(f"\nfindings: {sorted(diagnosis.kinds()) if diagnosis else 'none'}; logs in {trainer.logger.log_dir}")
+    print(f"\n{args.model}: median gradient norm per layer, input -> output\n{norms.to_string()}")
+    print(f"\nexpected problem: {case.problem}; found: {sorted(diagnosis.kinds()) if diagnosis else []}; "
+          f"logs in {trainer.logger.log_dir}")
     return gradwatch_cb
 
 
