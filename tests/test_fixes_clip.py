@@ -182,23 +182,24 @@ def test_apply_fixes_installs_one_clipper_and_reports_its_threshold():
         )
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = apply_fixes(model, diagnosis, optimizer=optimizer, options={"clip_gradients": {"mode": "norm"}})
+    report = apply_fixes(model, diagnosis, optimizer=optimizer)
     assert [(c.fix, c.status) for c in report.changes] == [
         ("clip_gradients", "applied"), ("clip_gradients", "refused"), ("lower_lr", "recommended")
     ]
     assert "already installed" in report.changes[1].reason
     assert report.clippers == attached_clippers(optimizer) and len(report.clippers) == 1
-    assert report.changes[0].details["clipper"]["threshold"] == 1.0  # default max_norm: no p50 on that finding
+    assert report.changes[0].details["clipper"]["threshold"] == 1.0  # the default max_norm
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     report.clippers[0].remove()
 
 
-def test_norm_threshold_defaults_to_the_evidence_median():
+def test_norm_threshold_is_an_option_and_observed_norms_are_recorded():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     diagnosis = _exploding(total_norm_percentiles={"p10": 1.0, "p50": 2.5, "p90": 9.0})
-    report = apply_fixes(model, diagnosis, optimizer=optimizer, options={"clip_gradients": {"mode": "norm"}})
+    report = apply_fixes(model, diagnosis, optimizer=optimizer, options={"clip_gradients": {"max_norm": 2.5}})
     assert report.clippers[0].threshold == 2.5
+    assert report.changes[0].details["clipper"]["observed_norm_percentiles"]["p90"] == 9.0
     report.clippers[0].remove()
 
 
@@ -206,7 +207,8 @@ def test_autoclip_is_seeded_from_the_evidence_history():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     history = [5.0, 1.0, 3.0, 2.0, 4.0]
-    report = apply_fixes(model, _exploding(total_norm_history=history), optimizer=optimizer)
+    report = apply_fixes(model, _exploding(total_norm_history=history), optimizer=optimizer,
+                         options={"clip_gradients": {"mode": "autoclip"}})
     assert report.clippers[0].threshold == pytest.approx(float(np.percentile(history, 10)))
     assert report.to_dict()["changes"][0]["details"]["clipper"]["seeded_history"] == 5
     report.clippers[0].remove()
@@ -233,4 +235,4 @@ def test_without_optimizer_it_refuses_with_code_and_lower_lr_is_recommended():
     assert lower.status == "recommended" and lower.details["factor"] == 0.1
     assert not report.changed
     assert "# clip_gradients (exploding) - not applied: needs the optimizer" in report.code
-    assert "clipper = GradientClipper(\"autoclip\", percentile=10.0).attach(optimizer)" in report.code
+    assert "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)" in report.code

@@ -122,7 +122,7 @@ def test_he_init_cures_an_over_scaled_relu_mlp_under_adam():
     assert ratio <= 0.5
 
 
-def test_autoclip_keeps_too_large_sgd_steps_from_ruining_training():
+def test_clipping_keeps_too_large_sgd_steps_from_ruining_training():
     """A well-initialised deep ReLU MLP with an SGD step too large for it: gradient spikes throw it off."""
     torch.manual_seed(0)
     base = DeepMLP(nn.ReLU)
@@ -135,4 +135,52 @@ def test_autoclip_keeps_too_large_sgd_steps_from_ruining_training():
         {"optimizer_scale_invariant": False}, ("clip_gradients", "lower_lr"),
     )
     _, _, ratio = _ratio(base, finding, lambda m: torch.optim.SGD(m.parameters(), lr=0.2), steps=300)
+    assert ratio <= 0.5
+
+
+class FirstToken(nn.Module):
+    """An nn.RNN that must report the sign written at the first of 40 noisy steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(1, 32, batch_first=True)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def _first_token_batch(g: torch.Generator, n: int = 32, length: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    label = torch.randint(0, 2, (n,), generator=g)
+    x = 0.5 * torch.randn(n, length, 1, generator=g)
+    x[:, 0, 0] = label.float() * 2 - 1
+    return x, label
+
+
+def test_gru_swap_cures_vanishing_through_time():
+    torch.manual_seed(0)
+    base = FirstToken()
+    g = torch.Generator().manual_seed(5)
+    x_eval, y_eval = _first_token_batch(g, 512)
+    finding = Finding("vanishing", ("rnn",), "critical", "through time", {}, ("lstm_gru",))
+    diagnosis = Diagnosis(findings=(finding,), structure=observe_structure(base, x_eval[:8]))
+    losses = []
+    for fix in (False, True):
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        if fix:
+            torch.manual_seed(123)
+            assert apply_fixes(model, diagnosis, optimizer=optimizer).changed
+        g = torch.Generator().manual_seed(1)
+        for _ in range(150):
+            x, y = _first_token_batch(g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            losses.append(nn.functional.cross_entropy(model(x_eval), y_eval).item())
+    ratio = losses[1] / losses[0]
+    print(f"\nvanishing ['lstm_gru']: unfixed {losses[0]:.4g}, fixed {losses[1]:.4g}, ratio {ratio:.3g} after 150 steps")
     assert ratio <= 0.5

@@ -83,3 +83,18 @@ def test_gated_cells_and_other_layers_are_refused():
 def test_bad_target():
     with pytest.raises(ValueError, match="allowed: \\('gru', 'lstm'\\)"):
         get_fix("lstm_gru", to="transformer")
+
+
+def test_gru_update_gate_starts_biased_towards_keeping_the_state_and_the_code_says_so():
+    model = Tagger()
+    report = apply_fixes(model, Diagnosis(findings=(FINDING,)))
+    for name, param in model.rnn.named_parameters():
+        if name.startswith("bias_ih"):
+            assert torch.equal(param[5:10], torch.full((5,), 2.0)), name
+        if name.startswith("bias_hh"):
+            assert torch.equal(param[5:10], torch.zeros(5)), name
+    assert report.changes[0].code[1] == "keep_gate_bias_(model.rnn, 2.0)"
+    assert "from gradwatch.fixes import keep_gate_bias_" in report.changes[0].imports
+    lstm = Tagger()
+    apply_fixes(lstm, Diagnosis(findings=(FINDING,)), options={"lstm_gru": {"to": "lstm", "gate_bias": 3.0}})
+    assert torch.equal(lstm.rnn.bias_ih_l1_reverse[5:10], torch.full((5,), 3.0))

@@ -51,7 +51,7 @@ from gradwatch.fixes import (  # noqa: F401  (importing a fix module registers i
 from gradwatch.fixes.apply import apply_fixes
 from gradwatch.fixes.base import Applicability, Fix, FixContext, Plan
 from gradwatch.fixes.clipping import GradientClipper, attached_clippers
-from gradwatch.fixes.modules import ChannelLastBatchNorm, LSTMAsRNN, Residual
+from gradwatch.fixes.modules import ChannelLastBatchNorm, LSTMAsRNN, Residual, keep_gate_bias_
 from gradwatch.fixes.ops import RecordError
 from gradwatch.fixes.record import Change, FixReport
 from gradwatch.fixes.registry import get_fix, list_fixes, register_fix
@@ -74,6 +74,7 @@ __all__ = [
     "apply_fixes",
     "attached_clippers",
     "get_fix",
+    "keep_gate_bias_",
     "list_fixes",
     "register_fix",
     "replay",

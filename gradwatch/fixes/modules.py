@@ -75,6 +75,31 @@ class ChannelLastBatchNorm(nn.BatchNorm1d):
         return out.reshape(shape)
 
 
+@torch.no_grad()
+def keep_gate_bias_(rnn: nn.LSTM | nn.GRU, value: float) -> nn.LSTM | nn.GRU:
+    """Bias the gate that keeps the state: the LSTM forget gate, the GRU update gate; in place.
+
+    Both are the second of the gate chunks in PyTorch's layout (LSTM: input, forget, cell, output;
+    GRU: reset, update, new). The chunk of ``bias_ih`` is set to ``value`` and that of ``bias_hh``
+    to zero in every layer and direction, so the gate starts at ``sigmoid(value)``: a cell keeps
+    most of its state (and passes the gradient back) from the first step, and training decides
+    what to forget (Gers et al. 2000; Jozefowicz et al. 2015; the GRU analogue with
+    ``h_t = (1 - z) * n + z * h_(t-1)``).
+
+    Returns:
+        ``rnn``, for chaining.
+    """
+    if not isinstance(rnn, nn.LSTM | nn.GRU):
+        raise TypeError(f"keep_gate_bias_ needs an nn.LSTM or nn.GRU, got {type(rnn).__name__}")
+    hidden = rnn.hidden_size
+    for name, param in rnn.named_parameters():
+        if name.startswith("bias_ih"):
+            param[hidden : 2 * hidden].fill_(float(value))
+        elif name.startswith("bias_hh"):
+            param[hidden : 2 * hidden].zero_()
+    return rnn
+
+
 class LSTMAsRNN(nn.LSTM):
     """An ``nn.LSTM`` with ``nn.RNN``'s call signature: ``forward(input, h_0=None) -> (output, h_n)``.
 
@@ -95,13 +120,7 @@ class LSTMAsRNN(nn.LSTM):
     def __init__(self, *args: object, forget_bias: float | None = 1.0, **kwargs: object):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if forget_bias is not None and self.bias:
-            hidden = self.hidden_size
-            with torch.no_grad():
-                for name, param in self.named_parameters():
-                    if name.startswith("bias_ih"):
-                        param[hidden : 2 * hidden].fill_(float(forget_bias))
-                    elif name.startswith("bias_hh"):
-                        param[hidden : 2 * hidden].zero_()
+            keep_gate_bias_(self, forget_bias)
 
     def forward(  # type: ignore[override]
         self, input: Tensor | PackedSequence, hx: Tensor | None = None

@@ -15,8 +15,9 @@ Ops:
         ``span`` (consecutive children of one ``nn.Sequential``) by
         ``Residual(nn.Sequential(*span))`` and the others by ``nn.Identity()``, so later siblings
         keep their names.
-    ``swap_rnn``: ``{"path", "to", "config", "forget_bias", "expect"}`` - replace an ``nn.RNN`` by
-        ``nn.GRU`` or :class:`~gradwatch.fixes.modules.LSTMAsRNN` with the same sizes and flags.
+    ``swap_rnn``: ``{"path", "to", "config", "gate_bias", "expect"}`` - replace an ``nn.RNN`` by
+        ``nn.GRU`` or :class:`~gradwatch.fixes.modules.LSTMAsRNN` with the same sizes and flags, the
+        gate that keeps the state biased by ``gate_bias`` (``None``: PyTorch's init).
 
 ``expect`` names the class found at ``path`` (a list for ``wrap_residual``) when the op was first
 applied; replay refuses a model where something else is there.
@@ -31,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from gradwatch.fixes import paths
-from gradwatch.fixes.modules import ChannelLastBatchNorm, LSTMAsRNN, Residual
+from gradwatch.fixes.modules import ChannelLastBatchNorm, LSTMAsRNN, Residual, keep_gate_bias_
 
 #: Activation classes a record may construct.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -57,7 +58,7 @@ _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "replace_activation": {"path": str, "new": str, "kwargs": dict},
     "wrap_norm": {"path": str, "norm": str, "num_features": int, "eps": float | int, "momentum": float | int | None},
     "wrap_residual": {"path": str, "span": list, "alpha_init": float | int},
-    "swap_rnn": {"path": str, "to": str, "config": dict, "forget_bias": float | int | None},
+    "swap_rnn": {"path": str, "to": str, "config": dict, "gate_bias": float | int | None},
 }
 OP_NAMES: tuple[str, ...] = tuple(_REQUIRED)
 
@@ -193,8 +194,10 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         config = dict(op["config"])
         if op["to"] == "gru":
             new = nn.GRU(**config, **_factory(target))
+            if op["gate_bias"] is not None and new.bias:
+                keep_gate_bias_(new, op["gate_bias"])
         else:
-            new = LSTMAsRNN(**config, forget_bias=op["forget_bias"], **_factory(target))
+            new = LSTMAsRNN(**config, forget_bias=op["gate_bias"], **_factory(target))
     else:  # pragma: no cover - validate() rejects unknown ops first
         raise RecordError(f"unknown op {name!r}")
     if op.get("expect") is None:
@@ -249,8 +252,11 @@ def code(op: dict[str, Any], model: nn.Module | None = None) -> list[str]:
         args = f"{c['input_size']}, {c['hidden_size']}, num_layers={c['num_layers']}, bias={c['bias']}, " \
                f"batch_first={c['batch_first']}, dropout={c['dropout']}, bidirectional={c['bidirectional']}"
         if op["to"] == "gru":
-            return [paths.assign(path, f"nn.GRU({args})", model)]
-        return [paths.assign(path, f"LSTMAsRNN({args}, forget_bias={op['forget_bias']!r})", model)]
+            lines = [paths.assign(path, f"nn.GRU({args})", model)]
+            if op["gate_bias"] is not None and c["bias"]:
+                lines.append(f"keep_gate_bias_({paths.expr(path, model)}, {op['gate_bias']!r})")
+            return lines
+        return [paths.assign(path, f"LSTMAsRNN({args}, forget_bias={op['gate_bias']!r})", model)]
     raise RecordError(f"unknown op {name!r}")  # pragma: no cover
 
 
@@ -263,4 +269,6 @@ def imports(op: dict[str, Any]) -> list[str]:
         out.append("from gradwatch.fixes import ChannelLastBatchNorm")
     if op["op"] == "swap_rnn" and op["to"] == "lstm":
         out.append("from gradwatch.fixes import LSTMAsRNN")
+    if op["op"] == "swap_rnn" and op["to"] == "gru" and op["gate_bias"] is not None and op["config"]["bias"]:
+        out.append("from gradwatch.fixes import keep_gate_bias_")
     return out
