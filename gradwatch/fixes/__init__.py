@@ -5,15 +5,16 @@ Each fix is a small unit in its own module, registered by name (see :func:`list_
 ==================  ==========================================================  ===========
 name                what it does                                                kind
 ==================  ==========================================================  ===========
-clip_gradients      global-norm / AutoClip / AGC clipping as an optimizer       in place
-                    step pre-hook
+clip_gradients      global-norm (default 1.0) / AutoClip / AGC clipping as an   in place
+                    optimizer step pre-hook
 he_init             Kaiming (ReLU family) / Xavier (tanh, sigmoid) re-init,     in place
                     biases zeroed, optimizer state reset
 insert_batchnorm    BatchNorm1d/2d/3d (or ChannelLastBatchNorm) after           structural
                     Linear/Conv layers
 residual            ``x + alpha * block(x)`` around shape-preserving blocks     structural
 swap_activation     Sigmoid/Tanh -> ReLU family (LeakyReLU for dead units)      structural
-lstm_gru            ``nn.RNN`` -> ``nn.GRU`` / RNN-compatible LSTM              structural
+lstm_gru            ``nn.RNN`` -> ``nn.GRU`` / RNN-compatible LSTM, with the    structural
+                    state-keeping gate biased to keep
 lower_lr            recommend a smaller learning rate                           advice
 ==================  ==========================================================  ===========
 
