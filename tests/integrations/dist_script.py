@@ -1,4 +1,4 @@
-"""Two-process Lightning run for the distributed tests: ``python dist_script.py {ddp,fsdp2,tp} OUT_DIR``.
+"""Two-process Lightning run for the distributed tests: ``python dist_script.py {ddp,ddp_fail,fsdp2,tp} OUT_DIR``.
 
 Run by ``test_lightning_distributed.py`` in a subprocess (Lightning's DDP launcher re-runs this
 script for rank 1). Each rank writes what it recorded to ``OUT_DIR/rank{r}.csv`` and
@@ -8,20 +8,34 @@ script for rank 1). Each rank writes what it recorded to ``OUT_DIR/rank{r}.csv``
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from gradwatch.integrations.lightning import GradWatchCallback
+from gradwatch.integrations.lightning import GradientHealthError, GradWatchCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lit_models import TRAINER_DEFAULTS, LitMLP, LitShardedMLP, LitTensorParallelMLP
+
+from gradwatch.findings import Diagnosis
+
+
+class _FailsOnRankOne(GradWatchCallback):
+    """Only rank 1 sees a failing finding (from its third collected step): every rank must stop."""
+
+    def _failing(self, diag: Diagnosis) -> list:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning's launcher for the started ranks
+        return ["rank-local finding"] if rank == 1 and self._optimizer_steps >= 3 else []
 
 
 def main(mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
+    if mode == "ddp_fail":
+        _fail_on_one_rank(out)
+        return
     if mode == "ddp":
         model: LitMLP = LitMLP(record_reference=True, n=64, batch_size=8)
         strategy: object = "ddp"
@@ -47,6 +61,19 @@ def main(mode: str, out: Path) -> None:
         "world_size": trainer.world_size,
         "sinks": [type(s).__name__ for s in watcher.sinks],
     }))
+
+
+def _fail_on_one_rank(out: Path) -> None:
+    callback = _FailsOnRankOne(fail_on=("dead_units",), diagnose_every_n_steps=1, verbose=False)
+    trainer = L.Trainer(**{**TRAINER_DEFAULTS, "devices": 2, "strategy": "ddp", "max_epochs": 3, "logger": False,
+                           "callbacks": [callback], "enable_checkpointing": False})
+    try:
+        trainer.fit(LitMLP())
+        result = {"stopped_at": None, "message": ""}
+    except GradientHealthError as exc:
+        result = {"stopped_at": exc.step, "message": str(exc)}
+    result["global_step"] = trainer.global_step
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -103,3 +103,13 @@ def test_tensor_parallel_mixes_sharded_and_replicated_layers_correctly(tmp_path:
     pd.testing.assert_series_equal(_metrics(df0), _metrics(df1), rtol=1e-6)
     _check_against_reference(df0, info0["reference"])
     _rank_zero_logs(tmp_path, steps=16)  # no data parallelism: both ranks see all 8 batches per epoch
+
+
+def test_ddp_fail_on_decided_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    # Only rank 1 sees a failing finding (e.g. dead units in its local batch); the decision is
+    # reduced across ranks, so both stop at the same step instead of one waiting forever.
+    _run("ddp_fail", tmp_path, timeout=180)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["stopped_at"] for r in results] == [2, 2]
+    assert all(r["global_step"] == 2 for r in results)
+    assert "another rank" in results[0]["message"]
