@@ -157,7 +157,7 @@ def test_state_dict_round_trip_keeps_history_and_threshold():
     ("kwargs", "match"),
     [
         ({"mode": "value"}, "allowed"),
-        ({"mode": "norm"}, "max_norm"),
+        ({"mode": "norm", "max_norm": 0.0}, "max_norm"),
         ({"mode": "autoclip", "percentile": 120}, "percentile"),
         ({"mode": "agc", "clip_factor": 0}, "clip_factor"),
     ],

@@ -113,8 +113,8 @@ class GradientClipper:
     """Clips gradients right before every ``optimizer.step()`` (an optimizer step pre-hook).
 
     Args:
-        mode: ``"autoclip"`` (default), ``"norm"`` or ``"agc"`` (see the module docstring).
-        max_norm: the fixed threshold for ``"norm"`` (required there).
+        mode: ``"norm"`` (default), ``"autoclip"`` or ``"agc"`` (see the module docstring).
+        max_norm: the fixed threshold for ``"norm"`` (default ``1.0``).
         percentile: AutoClip's percentile of the norm history, in ``[0, 100]`` (default ``10``,
             the paper's recommendation).
         history: global norms seen before (e.g. from the watcher), seeding AutoClip's history.
@@ -139,9 +139,9 @@ class GradientClipper:
 
     def __init__(
         self,
-        mode: str = "autoclip",
+        mode: str = "norm",
         *,
-        max_norm: float | None = None,
+        max_norm: float = 1.0,
         percentile: float = 10.0,
         history: Sequence[float] | None = None,
         window: int | None = 10_000,
@@ -151,7 +151,7 @@ class GradientClipper:
     ):
         if mode not in MODES:
             raise ValueError(f"GradientClipper: mode={mode!r}; allowed: {MODES}")
-        if mode == "norm" and (max_norm is None or not max_norm > 0 or not math.isfinite(max_norm)):
+        if mode == "norm" and (not max_norm > 0 or not math.isfinite(max_norm)):
             raise ValueError(f"GradientClipper: mode='norm' needs a finite max_norm > 0, got {max_norm!r}")
         if not 0.0 <= percentile <= 100.0:
             raise ValueError(f"GradientClipper: percentile={percentile!r} must be in [0, 100]")
@@ -160,7 +160,7 @@ class GradientClipper:
         if not clip_factor > 0 or not eps > 0:
             raise ValueError(f"GradientClipper: clip_factor={clip_factor!r} and eps={eps!r} must be > 0")
         self.mode = mode
-        self.max_norm = None if max_norm is None else float(max_norm)
+        self.max_norm = float(max_norm)
         self.percentile = float(percentile)
         self.window = window
         self.clip_factor = float(clip_factor)
@@ -178,7 +178,7 @@ class GradientClipper:
 
     def _current_threshold(self) -> float:
         if self.mode == "norm":
-            return float(self.max_norm)  # type: ignore[arg-type]
+            return self.max_norm
         if self.mode == "agc":
             return self.clip_factor
         return autoclip_threshold(self.history, self.percentile)
