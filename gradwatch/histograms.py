@@ -14,15 +14,16 @@ key, and one ``bincount`` per tensor counts the keys on the tensor's device. The
 - exact counts of **zeros**, **NaN** and **Inf** (kept out of both histograms).
 
 Float32 subnormals (|g| < 1.2e-38) are counted as zeros. The binning is exact at the bucket level
-(bucket counts sum to the number of finite values); ``min``/``max``/``sum``/``sum_squares`` are
-exact for tensors without NaN/Inf, else estimated from the buckets. All layers' results are
-stacked on their device and copied to the host once per device.
+(bucket counts sum to the number of finite values); ``min``/``max`` are exact for tensors without
+NaN/Inf (one ``aminmax``), else the outer bucket edges; ``sum``/``sum_squares`` are computed from
+bucket midpoints (TensorBoard's histogram views do not use them; two more passes over every
+gradient would). Per tensor the device does three passes (key, count, min/max); all layers'
+results are stacked on their device and copied to the host once per device.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,10 +37,9 @@ _HALF = 2048            # keys >= 2048 have the sign bit set
 _SUB = 8                # buckets per power of two (3 mantissa bits)
 _FIRST_NORMAL = _SUB    # keys below have a zero exponent field: zeros and subnormals
 _INF_KEY = 255 * _SUB   # exponent field 255: Inf (mantissa 0) and NaN
-_STATS = 4              # min, max, sum, sum of squares
+_STATS = 2              # min, max
 _LOG_GROUP = 2          # log10|g| histogram: 8 / 2 = 4 buckets per power of two
 _CENTRE_FRACTION = 2.0**-12  # value histogram: buckets this close to zero (relative to the range) are merged
-_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _lower_edges() -> np.ndarray:
@@ -93,9 +93,6 @@ class LayerHistograms:
 
 def _keys(x: torch.Tensor) -> torch.Tensor:
     """12-bit bucket keys of a contiguous 1-D float32 tensor: sign, exponent, 3 mantissa bits."""
-    if _LITTLE_ENDIAN:
-        # the high half-word of each float32 holds sign, exponent and the top 7 mantissa bits
-        return (x.view(torch.int16)[1::2] >> 4).bitwise_and_(0xFFF)
     return (x.view(torch.int32) >> 20).bitwise_and_(0xFFF)
 
 
@@ -140,10 +137,9 @@ def bin_on_device(groups: Sequence[Sequence[torch.Tensor]]) -> list[LayerHistogr
                 continue
             x = _as_float32_flat(t)
             entry = per_device.setdefault(x.device, ([], [], []))
-            mn, mx = torch.aminmax(x)
             entry[0].append(gi)
             entry[1].append(_count(_keys(x)))
-            entry[2].append(torch.stack([mn, mx, x.sum(), torch.dot(x, x)]))
+            entry[2].append(torch.stack(torch.aminmax(x)))
     counts = np.zeros((len(groups), N_KEYS), dtype=np.float64)
     stats = np.zeros((len(groups), _STATS), dtype=np.float64)
     stats[:, 0], stats[:, 1] = math.inf, -math.inf
@@ -157,43 +153,47 @@ def bin_on_device(groups: Sequence[Sequence[torch.Tensor]]) -> list[LayerHistogr
         s = torch.stack(sts).to(dtype)
         lo = torch.full((len(uniq),), math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 0], "amin")
         hi = torch.full((len(uniq),), -math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 1], "amax")
-        sums = torch.zeros(len(uniq), 2, device=device, dtype=dtype).index_add_(0, local, s[:, 2:])
-        host = torch.cat([c, lo[:, None], hi[:, None], sums], dim=1).cpu().numpy().astype(np.float64)  # one copy
+        host = torch.cat([c, lo[:, None], hi[:, None]], dim=1).cpu().numpy().astype(np.float64)  # one copy
         rows = np.array(uniq)
         counts[rows] += host[:, :N_KEYS]
         stats[rows, 0] = np.minimum(stats[rows, 0], host[:, N_KEYS])
         stats[rows, 1] = np.maximum(stats[rows, 1], host[:, N_KEYS + 1])
-        stats[rows, 2:] += host[:, N_KEYS + 2:]
         present[rows] = True
-    return [_finish(counts[i], stats[i]) if present[i] else None for i in range(len(groups))]
+    return _finish_all(counts, stats, present)
 
 
-def _finish(counts: np.ndarray, stats: np.ndarray) -> LayerHistograms:
-    """Host side: turn one group's key counts and raw statistics into TensorBoard histograms."""
-    pos, neg = counts[:_HALF], counts[_HALF:]
-    zeros = int(pos[:_FIRST_NORMAL].sum() + neg[:_FIRST_NORMAL].sum())
-    inf = int(pos[_INF_KEY] + neg[_INF_KEY])
-    nan = int(pos[_INF_KEY + 1:].sum() + neg[_INF_KEY + 1:].sum())
-    p = pos[_FIRST_NORMAL:_INF_KEY]   # finite non-zero magnitudes, ascending
-    n = neg[_FIRST_NORMAL:_INF_KEY]
-    numel = int(counts.sum())
-    exact = inf == 0 and nan == 0
-    return LayerHistograms(
-        values=_values_histogram(p, n, zeros, stats if exact else None),
-        log10_abs=_log10_histogram(p + n, stats if exact else None),
-        numel=numel,
-        zeros=zeros,
-        nan=nan,
-        inf=inf,
-    )
+# host side ---------------------------------------------------------------------------------------
+# value buckets in ascending order: negative magnitudes (largest first), the zero bucket, positive
+_ZERO_HI = float(_MAG_LO[0])  # the zero bucket holds |x| < 2**-126
+_V_LEFT = np.concatenate([-_MAG_HI[::-1], [-_ZERO_HI], _MAG_LO])
+_V_LIMIT = np.concatenate([-_MAG_LO[::-1], [_ZERO_HI], _MAG_HI])
+_V_CENTER = np.concatenate([-(_MAG_LO + _MAG_HI)[::-1] / 2, [0.0], (_MAG_LO + _MAG_HI) / 2])
+_L_LEFT, _L_LIMIT = _LOG_EDGES[:-1], _LOG_EDGES[1:]
+_L_CENTER = (_L_LEFT + _L_LIMIT) / 2
 
 
-def _trim(limits: np.ndarray, counts: np.ndarray, lefts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    nz = np.flatnonzero(counts)
-    if not len(nz):
-        return None
-    sl = slice(nz[0], nz[-1] + 1)
-    return limits[sl], counts[sl], lefts[sl]
+def _finish_all(counts: np.ndarray, stats: np.ndarray, present: np.ndarray) -> list[LayerHistograms | None]:
+    """Turn every group's key counts and min/max into TensorBoard histograms (vectorised where it can)."""
+    pos, neg = counts[:, :_HALF], counts[:, _HALF:]
+    zeros = pos[:, :_FIRST_NORMAL].sum(1) + neg[:, :_FIRST_NORMAL].sum(1)
+    inf = pos[:, _INF_KEY] + neg[:, _INF_KEY]
+    nan = pos[:, _INF_KEY + 1:].sum(1) + neg[:, _INF_KEY + 1:].sum(1)
+    p, n = pos[:, _FIRST_NORMAL:_INF_KEY], neg[:, _FIRST_NORMAL:_INF_KEY]
+    ascending = np.concatenate([n[:, ::-1], zeros[:, None], p], axis=1)
+    mags = (p + n).reshape(len(counts), -1, _LOG_GROUP).sum(axis=2)
+    numel = counts.sum(1)
+    out: list[LayerHistograms | None] = []
+    for i in range(len(counts)):
+        if not present[i]:
+            out.append(None)
+            continue
+        exact = inf[i] == 0 and nan[i] == 0
+        out.append(LayerHistograms(
+            values=_values_histogram(ascending[i], stats[i] if exact else None),
+            log10_abs=_log10_histogram(mags[i], stats[i] if exact else None),
+            numel=int(numel[i]), zeros=int(zeros[i]), nan=int(nan[i]), inf=int(inf[i]),
+        ))
+    return out
 
 
 def _merge(lefts: np.ndarray, limits: np.ndarray, counts: np.ndarray, join: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,23 +215,23 @@ def _compact(lefts: np.ndarray, limits: np.ndarray, counts: np.ndarray, centre: 
     return _merge(lefts, limits, counts, join)
 
 
-def _values_histogram(p: np.ndarray, n: np.ndarray, zeros: int, stats: np.ndarray | None) -> HistogramData | None:
-    zero_hi = float(_MAG_LO[0])  # the zero bucket holds |x| < 2**-126
-    # ascending value order: negative magnitudes descending, zero, positive magnitudes ascending
-    counts = np.concatenate([n[::-1], [zeros], p])
-    lefts = np.concatenate([-_MAG_HI[::-1], [-zero_hi], _MAG_LO])
-    limits = np.concatenate([-_MAG_LO[::-1], [zero_hi], _MAG_HI])
-    trimmed = _trim(limits, counts, lefts)
-    if trimmed is None:
+def _nonempty(counts: np.ndarray) -> slice | None:
+    nz = np.flatnonzero(counts)
+    return slice(nz[0], nz[-1] + 1) if len(nz) else None
+
+
+def _values_histogram(ascending: np.ndarray, stats: np.ndarray | None) -> HistogramData | None:
+    sl = _nonempty(ascending)
+    if sl is None:
         return None
-    limits, counts, lefts = trimmed
-    centers = np.where(np.abs(lefts) == zero_hi, 0.0, (lefts + limits) / 2)
+    counts, lefts, limits = ascending[sl], _V_LEFT[sl], _V_LIMIT[sl]
+    centers = _V_CENTER[sl]
+    total, squares = float(centers @ counts), float((centers * centers) @ counts)
     if stats is not None:
-        mn, mx, total, squares = (float(v) for v in stats)
+        mn, mx = float(stats[0]), float(stats[1])
     else:
-        mn = float(lefts[0]) if lefts[0] != -zero_hi else 0.0
-        mx = float(limits[-1]) if limits[-1] != zero_hi else 0.0
-        total, squares = float((centers * counts).sum()), float((centers**2 * counts).sum())
+        mn = float(lefts[0]) if lefts[0] != -_ZERO_HI else 0.0
+        mx = float(limits[-1]) if limits[-1] != _ZERO_HI else 0.0
     span = max(abs(float(lefts[0])), abs(float(limits[-1])))
     lefts, limits, counts = _compact(lefts, limits, counts, centre=span * _CENTRE_FRACTION)
     limits = limits.copy()
@@ -239,20 +239,18 @@ def _values_histogram(p: np.ndarray, n: np.ndarray, zeros: int, stats: np.ndarra
     return HistogramData(mn, mx, int(counts.sum()), total, squares, limits.tolist(), counts.tolist())
 
 
-def _log10_histogram(mag: np.ndarray, stats: np.ndarray | None) -> HistogramData | None:
-    grouped = mag.reshape(-1, _LOG_GROUP).sum(axis=1)
-    trimmed = _trim(_LOG_EDGES[1:], grouped, _LOG_EDGES[:-1])
-    if trimmed is None:
+def _log10_histogram(mags: np.ndarray, stats: np.ndarray | None) -> HistogramData | None:
+    sl = _nonempty(mags)
+    if sl is None:
         return None
-    limits, counts, lefts = trimmed
-    centers = (lefts + limits) / 2
+    counts, lefts, limits, centers = mags[sl], _L_LEFT[sl], _L_LIMIT[sl], _L_CENTER[sl]
+    total, squares = float(centers @ counts), float((centers * centers) @ counts)
     mn, mx = float(lefts[0]), float(limits[-1])
-    total, squares = float((centers * counts).sum()), float((centers**2 * counts).sum())
-    lefts, limits, counts = _compact(lefts, limits, counts)
     if stats is not None:
         top = max(abs(float(stats[0])), abs(float(stats[1])))
         if top > 0 and math.isfinite(top):
             mx = min(mx, max(float(lefts[-1]), math.log10(top)))
+    lefts, limits, counts = _compact(lefts, limits, counts)
     limits = limits.copy()
     limits[-1] = mx
     return HistogramData(mn, mx, int(counts.sum()), total, squares, limits.tolist(), counts.tolist())
