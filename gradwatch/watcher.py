@@ -55,6 +55,9 @@ class GradWatcher:
         model: any ``nn.Module`` (``torch.compile`` and DDP wrappers are looked through).
         optimizer: if given, statistics are collected automatically right before each
             ``optimizer.step()`` (after accumulation and AMP unscaling).
+        hook_optimizer: with ``False``, ``optimizer`` is only made known (auto-fix, diagnosis) and
+            the caller keeps calling :meth:`step` at the right moment: for training frameworks whose
+            ``optimizer.step(closure)`` runs backward inside the step, after any pre-hook.
         log_dir: a directory path or an existing ``SummaryWriter``: TensorBoard output.
         every_n_steps: collect every n-th step (steps in between cost nothing).
         slow_stats_every_n: zero fractions, weight norms and update ratios run every n-th
@@ -90,6 +93,7 @@ class GradWatcher:
         model: nn.Module,
         *,
         optimizer: torch.optim.Optimizer | None = None,
+        hook_optimizer: bool = True,
         log_dir: Any = None,
         every_n_steps: int = 1,
         slow_stats_every_n: int = 10,
@@ -176,7 +180,8 @@ class GradWatcher:
         self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
         if self.activations_enabled and self._is_sample(0):
             self._sampler_arm()
-        if optimizer is not None:
+        self._hook_optimizer = bool(hook_optimizer)
+        if optimizer is not None and self._hook_optimizer:
             self._handles.append(optimizer.register_step_pre_hook(self._optimizer_pre_hook))
         self.autofixer = None
         if self.auto_fix:
@@ -272,7 +277,7 @@ class GradWatcher:
                 without an extra device sync); used in logs and by auto-fix verification.
             global_step: the step number to record (defaults to the number of ``step()`` calls).
         """
-        if self.optimizer is not None:
+        if self.optimizer is not None and self._hook_optimizer:
             # the optimizer's pre-hook collects; a loss given here is recorded with that collection
             if loss is not None:
                 self._pending_loss = loss

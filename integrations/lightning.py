@@ -125,7 +125,8 @@ class GradWatchCallback(Callback):
             computed. Default: ``()``.
         optimizers: ``None`` (every optimizer's steps) or indices into ``trainer.optimizers`` whose
             steps are collected. Default: ``None``.
-        auto_fix: passed to the watcher: ``False`` (recommend only), ``True`` or fix names. Default: ``False``.
+        auto_fix: passed to the watcher's auto-fixer (with ``trainer.optimizers[0]``): ``False``
+            (recommend only), ``True`` or fix names; see ``auto_fix_events``. Default: ``False``.
         verbose: print the diagnosis at epoch ends (when it changed) and at the end of ``fit``.
             Default: ``True``.
         on_error: ``"detach"`` (log one error, stop watching, training goes on) or ``"raise"``.
@@ -207,6 +208,12 @@ class GradWatchCallback(Callback):
 
     # -- results -------------------------------------------------------------------------------
     @property
+    def auto_fix_events(self) -> list[Any]:
+        """What the auto-fixer did (``gradwatch.autofix.AutoFixEvent`` records); empty without ``auto_fix``."""
+        fixer = getattr(self.watcher, "autofixer", None)
+        return list(getattr(fixer, "events", []))
+
+    @property
     def diagnosis(self) -> Diagnosis | None:
         """The latest diagnosis (computed at epoch ends, on the diagnosis cadence and at the end of ``fit``)."""
         return self._diagnosis
@@ -264,6 +271,16 @@ class GradWatchCallback(Callback):
             rank_zero_info("gradwatch: the model is compiled with torch.compile; activation statistics (dead units, "
                            "saturation) are turned off because forward hooks would break or be skipped by the compiled graph")
             activations = False
+        if self.auto_fix:
+            # The watcher's auto-fixer needs the optimizer (new parameters, snapshots); it is not hooked:
+            # Lightning runs backward inside optimizer.step(closure), after any step pre-hook.
+            kwargs["optimizer"] = trainer.optimizers[0] if trainer.optimizers else None
+            kwargs["hook_optimizer"] = False
+            if len(trainer.optimizers) > 1:
+                rank_zero_warn("gradwatch: auto_fix tells only the first optimizer about parameters added by fixes")
+            if trainer.world_size > 1:
+                rank_zero_warn("gradwatch: auto_fix under a distributed strategy: structural fixes change the model "
+                               "behind the DDP/FSDP wrapper; only re-initialisation and clipping are safe there")
         self.watcher = GradWatcher(
             pl_module,
             every_n_steps=self.every_n_steps,
@@ -343,10 +360,9 @@ class GradWatchCallback(Callback):
             self._unscale.prepare(optimizer)
         loss, self._loss = self._loss, None
         watcher.step(loss=loss, global_step=step)
+        # With auto_fix, the watcher's auto-fixer ran inside watcher.step() above (its step callback):
+        # fixes are applied here, before this optimizer step and before Lightning's clipping.
         self._check_fail_on(trainer, step)
-        if self.auto_fix:
-            # Hook point for auto-fix: structural fixes are applied by the auto-fix integration.
-            self._apply_fixes(trainer, pl_module)
 
     # -- reporting -----------------------------------------------------------------------------
     @override
@@ -431,12 +447,15 @@ class GradWatchCallback(Callback):
         )
         raise GradientHealthError(message, diagnosis=diag, step=step)
 
-    # -- auto-fix hook points ------------------------------------------------------------------
+    # -- auto-fix hook point --------------------------------------------------------------------
     def _replay_fixes(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Re-apply structural fixes recorded in the checkpoint being resumed (auto-fix integration)."""
+        """Re-apply the structural fixes recorded in the checkpoint being resumed (``trainer.ckpt_path``).
 
-    def _apply_fixes(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Apply allowed fixes to the current diagnosis (auto-fix integration); recommend-only for now."""
+        Called in ``setup``, before Lightning loads the checkpoint's weights strictly: a model changed
+        by a fix mid-run must be changed the same way again or it cannot load its own checkpoint.
+        Not implemented yet (owned by the auto-fix integration): the auto-fix records are not yet
+        part of this callback's state.
+        """
 
     # -- checkpointing -------------------------------------------------------------------------
     @override

@@ -96,3 +96,16 @@ def test_compiled_submodules_are_named_without_orig_mod() -> None:
     _train(compiled_root, watcher, 2)
     assert set(watcher.to_dataframe().layer) == {"0", "2", "(total)"}
     watcher.close()
+
+
+def test_hook_optimizer_false_keeps_step_manual() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher = gradwatch.watch(model, optimizer=opt, hook_optimizer=False, activations=False)
+    model(torch.randn(4, 6)).square().mean().backward()
+    opt.step()  # not hooked: collects nothing
+    assert watcher.collected == 0
+    watcher.step(global_step=7)
+    assert watcher.collected == 1 and list(watcher.history.view().steps) == [7]
+    assert watcher.optimizer is opt
+    watcher.close()

@@ -324,3 +324,16 @@ def test_lightning_quickstart_example_runs_fast(tmp_path: Path) -> None:
     callback = example.main(["--fast", "--logdir", str(tmp_path / "runs")])
     assert callback.diagnosis is not None and "vanishing" in callback.diagnosis.kinds()
     assert list((tmp_path / "runs").rglob("events.out.tfevents*"))
+
+
+# -- auto-fix pass-through ---------------------------------------------------------------------------
+def test_auto_fix_is_passed_to_the_watcher_with_the_optimizer_unhooked(tmp_path: Path) -> None:
+    callback = GradWatchCallback(auto_fix=("he_init",))
+    trainer = _trainer(tmp_path, callback)
+    trainer.fit(LitMLP())
+    watcher = callback.watcher
+    assert watcher is not None and watcher.error is None
+    assert watcher.auto_fix == ("he_init",) and watcher.optimizer is trainer.optimizers[0]
+    assert getattr(watcher, "autofixer", None) is not None
+    assert list(_grad_norms(callback).index) == list(range(8))  # still collected by the callback, every step
+    assert callback.auto_fix_events == []  # 8 steps < the probe window: nothing decided yet
