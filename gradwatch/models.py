@@ -168,6 +168,7 @@ def create(name: str, seed: int = 0) -> ReferenceCase:
         case = factory(seed)
     if case.name != name:
         raise ValueError(f"factory {name!r} returned a case named {case.name!r}")
+    log.debug("created reference case %s (seed %d): problem=%s, twin=%s", name, seed, case.problem, case.twin)
     return case
 
 
@@ -184,7 +185,10 @@ def train(
     Each step: forward, loss, backward, ``on_backward(step)`` (where a watcher reads the
     gradients), clipping if ``case.clip_grad_norm`` is set, ``optimizer.step()``,
     ``optimizer.zero_grad()``. Losses are kept on the device and copied to the host once, at the
-    end.
+    end. No randomness is consumed, so the same case and seed give the same losses.
+
+    These models are tiny: on a shared CPU, ``torch.set_num_threads(1)`` is often several times
+    faster than the default (small recurrent ops suffer most from oversubscribed threads).
 
     Args:
         case: the reference case; its model is trained in place.
@@ -422,6 +426,7 @@ SIGMOID_MLP_WIDTH = 64
 
 @register_model
 def sigmoid_mlp(seed: int = 0) -> ReferenceCase:
+    """Vanishing: a 10-layer sigmoid MLP with default init (cure: swap_activation + he_init)."""
     model = mlp(16, SIGMOID_MLP_WIDTH, SIGMOID_MLP_DEPTH, 4, nn.Sigmoid)  # PyTorch default init
     return _case(
         "sigmoid_mlp", model, tasks.teacher_classification(_generator(seed)), seed,
@@ -431,7 +436,7 @@ def sigmoid_mlp(seed: int = 0) -> ReferenceCase:
             "Vanishing gradients in a deep sigmoid MLP (10 hidden Linear+Sigmoid layers, PyTorch "
             "default init, SGD). Backpropagation multiplies by sigmoid'(z) <= 0.25 and by a default-"
             "initialised weight matrix (gain ~0.6) at every layer, so the gradient shrinks ~7x per "
-            "layer: the first layer's gradient is ~1e-8 of the head's and the early layers never "
+            "layer: the first layer's gradient is ~1e-9-1e-8 of the head's and the early layers never "
             "learn; the loss stays at chance. Cure: swap_activation (ReLU, derivative 1 where "
             "active) + he_init (Kaiming weights keep the signal's scale through ReLUs)."
         ),
@@ -440,6 +445,7 @@ def sigmoid_mlp(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def sigmoid_mlp_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``sigmoid_mlp``: ReLU activations and Kaiming init."""
     model = mlp(16, SIGMOID_MLP_WIDTH, SIGMOID_MLP_DEPTH, 4, nn.ReLU)
     _init_linear(model, _he, _hidden(SIGMOID_MLP_DEPTH))
     return _case(
@@ -468,6 +474,7 @@ def _tiny(layer: nn.Module) -> None:
 
 @register_model
 def tanh_tiny_init(seed: int = 0) -> ReferenceCase:
+    """Vanishing: a 10-layer tanh MLP initialised with std 0.02 (cure: he_init, i.e. Xavier for tanh)."""
     model = mlp(16, 32, TANH_DEPTH, 4, nn.Tanh)
     _init_linear(model, _tiny, _hidden(TANH_DEPTH))
     return _case(
@@ -489,6 +496,7 @@ def tanh_tiny_init(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def tanh_tiny_init_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``tanh_tiny_init``: Xavier init (gain 5/3), tanh kept."""
     model = mlp(16, 32, TANH_DEPTH, 4, nn.Tanh)
     _init_linear(model, _xavier(nn.init.calculate_gain("tanh")), _hidden(TANH_DEPTH))
     return _case(
@@ -511,6 +519,7 @@ CNN_CHANNELS = 8
 
 @register_model
 def plain_cnn(seed: int = 0) -> ReferenceCase:
+    """Vanishing: a 10-conv sigmoid CNN without normalisation (cure: insert_batchnorm)."""
     model = plain_convnet(CNN_CHANNELS, CNN_DEPTH, 4, nn.Sigmoid)
     return _case(
         "plain_cnn", model, tasks.grating_images(_generator(seed)), seed,
@@ -521,7 +530,7 @@ def plain_cnn(seed: int = 0) -> ReferenceCase:
             "normalisation (PyTorch default init) classifying the orientation of noisy 16x16 "
             "gratings. As in the sigmoid MLP, every layer multiplies the gradient by sigmoid' <= "
             "0.25 and a weight of gain < 1; the input-dependent part of the signal fades the same "
-            "way forward. conv1's gradient is ~1e-10 of the head's; the loss stays at chance. "
+            "way forward. conv1's gradient is ~1e-9 of the head's; the loss stays at chance. "
             "Cure: insert_batchnorm after every convolution. BatchNorm rescales each layer's "
             "pre-activations to unit variance, which keeps the sigmoids in their sensitive range "
             "and, backwards, multiplies the gradient by 1/std of the (small) pre-activations, "
@@ -532,6 +541,7 @@ def plain_cnn(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def plain_cnn_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``plain_cnn``: a BatchNorm2d after every convolution."""
     model = plain_convnet(CNN_CHANNELS, CNN_DEPTH, 4, nn.Sigmoid, batchnorm=True)
     return _case(
         "plain_cnn_fixed", model, tasks.grating_images(_generator(seed)), seed,
@@ -554,6 +564,7 @@ GRU_UPDATE_BIAS = 3.0
 
 @register_model
 def vanilla_rnn(seed: int = 0) -> ReferenceCase:
+    """Vanishing through time: a tanh ``nn.RNN`` on a 50-step recall task (cure: lstm_gru)."""
     model = RecurrentClassifier(nn.RNN(1, RNN_HIDDEN, batch_first=True), 2)
     return _case(
         "vanilla_rnn", model, tasks.first_token_sequences(_generator(seed), length=RNN_LENGTH), seed,
@@ -563,7 +574,7 @@ def vanilla_rnn(seed: int = 0) -> ReferenceCase:
             f"Vanishing gradients through time in a tanh nn.RNN (hidden {RNN_HIDDEN}, default "
             f"init) that must report the sign written at t=0 of a {RNN_LENGTH}-step noisy sequence. "
             f"The gradient reaching h_t is multiplied at every step back by W_hh^T diag(1 - h^2), "
-            f"whose gain is < 1, so ||dL/dh_0|| is ~1e-12 of ||dL/dh_T||: the weights never learn "
+            f"whose gain is < 1, so ||dL/dh_0|| is ~1e-11 of ||dL/dh_T||: the weights never learn "
             f"to keep the first token and the loss stays at chance. Parameter gradients do not "
             f"show it (weight_hh's gradient is a sum over steps): use hidden_grad_norms_per_step(). "
             f"Cure: lstm_gru, a gated cell whose state is carried additively; its gate starts "
@@ -574,6 +585,7 @@ def vanilla_rnn(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def vanilla_rnn_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``vanilla_rnn``: an ``nn.GRU`` of the same sizes, update gate biased to keep."""
     gru = nn.GRU(1, RNN_HIDDEN, batch_first=True)
     with torch.no_grad():  # gates are ordered (reset, update, new): bias the update gate to keep
         gru.bias_ih_l0[RNN_HIDDEN : 2 * RNN_HIDDEN].fill_(GRU_UPDATE_BIAS)
@@ -616,6 +628,7 @@ def _exploding_rnn_case(name: str, seed: int, clip: float | None, **kwargs: obje
 
 @register_model
 def exploding_rnn(seed: int = 0) -> ReferenceCase:
+    """Exploding: a tanh ``nn.RNN`` with recurrent gain 2.5, trained with SGD (cure: clip_gradients)."""
     return _exploding_rnn_case(
         "exploding_rnn", seed, None, problem="exploding", twin="exploding_rnn_fixed",
         description=(
@@ -637,6 +650,7 @@ def exploding_rnn(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def exploding_rnn_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``exploding_rnn``: the same model trained with gradient-norm clipping."""
     return _exploding_rnn_case(
         "exploding_rnn_fixed", seed, EXPLODING_CLIP, problem=None, twin="exploding_rnn",
         description=(
@@ -667,6 +681,7 @@ def _overscaled_relu_mlp(name: str, seed: int, scale: float, **kwargs: object) -
 
 @register_model
 def overscaled_relu_mlp(seed: int = 0) -> ReferenceCase:
+    """Exploding: an 8-layer ReLU MLP at 3x He scale, trained with Adam (cure: he_init)."""
     return _overscaled_relu_mlp(
         "overscaled_relu_mlp", seed, OVERSCALE, problem="exploding", twin="overscaled_relu_mlp_fixed",
         description=(
@@ -674,17 +689,20 @@ def overscaled_relu_mlp(seed: int = 0) -> ReferenceCase:
             f"weights are {OVERSCALE:g}x the He scale, trained with Adam. ReLU is positively "
             f"homogeneous, so the forward signal grows {OVERSCALE:g}x per layer (logits ~1e3-1e4) "
             f"and so does the gradient going back; each weight gradient is the product of the two, "
-            f"so it is huge (thousands of times the weight's norm) but roughly flat across depth: "
+            f"so it is huge (10-60x the weight's norm in every hidden layer, ~1e4x in the head) but "
+            f"roughly flat across depth: "
             f"a growth-across-depth rule misses it. The loss is in the tens to hundreds. Clipping "
-            f"does not help: Adam divides each gradient by its own running scale, so its updates "
-            f"are the same size whatever the gradient's, and ~1e-3 per step cannot undo the "
-            f"scale in a few hundred steps. Cure: he_init (Kaiming weights, zero biases)."
+            f"is no cure: Adam divides each gradient by its own running scale, so its updates are "
+            f"~lr in size whatever the gradient's, and 1e-3 per step cannot undo a {OVERSCALE:g}x "
+            f"scale in {OVERSCALED_DEPTH} layers within a few hundred steps (clipped to norm 1, the "
+            f"loss still ends in the tens). Cure: he_init (Kaiming weights, zero biases)."
         ),
     )
 
 
 @register_model
 def overscaled_relu_mlp_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``overscaled_relu_mlp``: He init."""
     return _overscaled_relu_mlp(
         "overscaled_relu_mlp_fixed", seed, 1.0, problem=None, twin="overscaled_relu_mlp",
         description=(
@@ -711,6 +729,7 @@ def _relu_mlp(name: str, seed: int, depth: int, first_bias: float, **kwargs: obj
 
 @register_model
 def dead_relu_mlp(seed: int = 0) -> ReferenceCase:
+    """Dead units: a ReLU MLP whose first layer has biases of -4 (cure: he_init)."""
     return _relu_mlp(
         "dead_relu_mlp", seed, 3, DEAD_BIAS, problem="dead_units", twin="dead_relu_mlp_fixed", cure=("he_init",),
         description=(
@@ -727,6 +746,7 @@ def dead_relu_mlp(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def dead_relu_mlp_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``dead_relu_mlp``: the same weights, biases zeroed."""
     return _relu_mlp(
         "dead_relu_mlp_fixed", seed, 3, 0.0, problem=None, twin="dead_relu_mlp", cure=("he_init",),
         description=(
@@ -738,6 +758,7 @@ def dead_relu_mlp_fixed(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def shallow_relu_mlp(seed: int = 0) -> ReferenceCase:
+    """Healthy control: a 2-hidden-layer ReLU MLP with He init."""
     return _relu_mlp(
         "shallow_relu_mlp", seed, 2, 0.0, problem=None, twin=None, cure=(),
         description=(
@@ -754,35 +775,38 @@ SATURATED_GAIN = 30.0
 
 
 def _sigmoid_net(name: str, seed: int, gain: float, **kwargs: object) -> ReferenceCase:
-    model = mlp(16, 32, 2, 4, nn.Sigmoid)
-    _init_linear(model, _xavier(gain), _hidden(2))
-    return _case(name, model, tasks.teacher_classification(_generator(seed)), seed, optimizer=_sgd(0.3),
+    model = mlp(16, 32, 1, 4, nn.Sigmoid)
+    _init_linear(model, _xavier(gain), ["fc1"])
+    return _case(name, model, tasks.teacher_classification(_generator(seed)), seed, optimizer=_sgd(0.1),
                  batch_size=64, default_steps=150, cure=("he_init",), **kwargs)
 
 
 @register_model
 def saturated_sigmoid(seed: int = 0) -> ReferenceCase:
+    """Saturation: a sigmoid MLP with weights 30x the Xavier scale (cure: he_init, i.e. Xavier)."""
     return _sigmoid_net(
         "saturated_sigmoid", seed, SATURATED_GAIN, problem="saturation", twin="saturated_sigmoid_fixed",
         description=(
-            f"Saturated sigmoids: a 2-hidden-layer sigmoid MLP whose weights are {SATURATED_GAIN:g}x "
-            f"the Xavier scale. Pre-activations have std ~10-20, so over 80% of sigmoid outputs "
-            f"are within 0.01 of 0 or 1, where sigmoid' < 0.01: those units are stuck, the hidden "
-            f"layers act as fixed random binary features and the loss stays far above the twin's. "
-            f"Shallow, so it is saturation rather than vanishing across depth (the twin has the same "
-            f"first/last gradient ratio). Cure: he_init, which for sigmoid-fed layers means Xavier "
-            f"init (gain 1, zero biases); swapping to ReLU alone would leave the weights 30x too large."
+            f"Saturated sigmoids: a sigmoid MLP with one hidden layer whose weights are "
+            f"{SATURATED_GAIN:g}x the Xavier scale. Pre-activations have std ~25, so over 80% of "
+            f"sigmoid outputs are within 0.01 of 0 or 1, where sigmoid' < 0.01: those units are "
+            f"stuck, the hidden layer acts as fixed random binary features and the loss stays far "
+            f"above the twin's. Deliberately shallow (fc1 and head), so there is no depth for a "
+            f"gradient to vanish across: the problem is the saturation itself. Cure: he_init, "
+            f"which for a sigmoid-fed layer means Xavier init (gain 1, zero biases); swapping to "
+            f"ReLU alone would leave the weights {SATURATED_GAIN:g}x too large."
         ),
     )
 
 
 @register_model
 def saturated_sigmoid_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``saturated_sigmoid``: Xavier init."""
     return _sigmoid_net(
         "saturated_sigmoid_fixed", seed, 1.0, problem=None, twin="saturated_sigmoid",
         description=(
             "Fixed twin of saturated_sigmoid: the same sigmoid MLP with Xavier-normal weights "
-            "(zero biases), what he_init does to sigmoid-fed layers: pre-activations of std ~1, "
+            "(zero biases), what he_init does to a sigmoid-fed layer: pre-activations of std ~0.7, "
             "no unit saturated."
         ),
     )
@@ -794,6 +818,7 @@ def saturated_sigmoid_fixed(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def resnet_bn(seed: int = 0) -> ReferenceCase:
+    """Healthy control: a small ResNet with BatchNorm and Kaiming init."""
     channels = 16
     model = nn.Sequential(OrderedDict([
         ("stem", nn.Conv2d(1, channels, 3, padding=1, bias=False)),
@@ -822,6 +847,7 @@ def resnet_bn(seed: int = 0) -> ReferenceCase:
 
 @register_model
 def transformer_preln(seed: int = 0) -> ReferenceCase:
+    """Healthy control: a 2-layer pre-LayerNorm transformer encoder."""
     length, vocab = 16, 4
     model = TinyTransformer(vocab, length, d_model=32, heads=4, layers=2, classes=vocab)
     return _case(

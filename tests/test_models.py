@@ -411,6 +411,14 @@ def test_overscaled_relu_mlp_explodes_flat_across_depth():
     assert sizes[-1] / sizes[0] > 100
 
 
+def test_clipping_is_no_cure_for_the_adam_trained_overscaled_mlp():
+    """Adam's updates are ~lr whatever the gradient's scale: the cause is the initialisation."""
+    case = models.create("overscaled_relu_mlp", seed=0)
+    case.clip_grad_norm = 1.0
+    clipped = models.final_loss(models.train(case))
+    assert clipped > 10 * models.final_loss(trained("overscaled_relu_mlp_fixed")[1])
+
+
 def test_dead_relu_mlp_has_mostly_dead_units():
     fractions = activation_fractions(models.create("dead_relu_mlp", seed=0))
     assert fractions["act1"] > 0.5
