@@ -252,12 +252,13 @@ def _vanishing(ctx: _Context) -> list[Finding]:
         if recurrent:
             fixes: tuple[str, ...] = ("lstm_gru", "he_init")
             cause = f"recurrent layers {recurrent} multiply gradients by the same Jacobian at every time step"
+        elif under:
+            # cause before symptom: tiny weights shrink the signal at every layer whatever the activation
+            fixes = ("he_init", "insert_batchnorm", "residual")
+            cause = f"weights of {under[:3]} are far below He/Xavier scale"
         elif sat:
             fixes = ("swap_activation", "he_init", "insert_batchnorm", "residual")
             cause = f"saturating activations ({', '.join(sat[:4])}{'...' if len(sat) > 4 else ''}) shrink the gradient at every layer"
-        elif under:
-            fixes = ("he_init", "insert_batchnorm", "residual")
-            cause = f"weights of {under[:3]} are far below He/Xavier scale"
         else:
             fixes = ("insert_batchnorm", "residual", "he_init")
             cause = "the signal shrinks through many unnormalised layers"
@@ -356,6 +357,28 @@ def _exploding(ctx: _Context) -> list[Finding]:
         if not flagged:
             flagged.update(valid)
 
+    # (e) an explosion earlier in the run that left the layer silent (or under SGD-like optimizers,
+    # where one update that size moves the weights far beyond their own size)
+    peak = view.peak_grad_to_weight
+    if peak is not None and len(peak) == len(names) and len(view.steps):
+        scale_invariant_opt = view.context.get("optimizer_scale_invariant") is True
+        silent_now = ~(ctx.gnorm[-max(1, len(ctx.gnorm) // 4):] > 0).any(axis=0)
+        for i in range(len(names)):
+            if not (math.isfinite(peak[i]) and peak[i] >= th.exploding_critical_grad_to_weight) or i in flagged:
+                continue
+            m = view.layer_meta[i]
+            if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
+                continue
+            if scale_invariant_opt and not silent_now[i]:
+                continue
+            flagged.add(i)
+            critical = True
+            step = int(view.peak_step[i]) if view.peak_step is not None else -1
+            reasons_found.append(f"at step {step} the gradient of {names[i]} was {peak[i]:.3g}x its weights"
+                                 + (" and the layer has had no gradient since" if silent_now[i] else ""))
+            evidence.setdefault("peak_grad_to_weight", {})[names[i]] = {"value": float(peak[i]), "step": step,
+                                                                       "silent_now": bool(silent_now[i])}
+
     if not reasons_found:
         return []
     layers = [names[i] for i in sorted(flagged)]
@@ -363,14 +386,16 @@ def _exploding(ctx: _Context) -> list[Finding]:
     over = [names[i] for i in sorted(flagged) if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] >= th.over_scaled_init]
     scale_invariant = view.context.get("optimizer_scale_invariant")
     recurrent = [n for n, t in zip(names, ctx.types, strict=True) if t in _RECURRENT and n in layers]
-    if over:
-        fixes: tuple[str, ...] = ("he_init", "insert_batchnorm", "lower_lr")
+    if recurrent:
+        # the classic case for clipping: the recurrence amplifies through time; re-initialising
+        # an RNN's weights is not a cure (he_init leaves recurrent layers alone)
+        fixes: tuple[str, ...] = ("clip_gradients", "lower_lr") if scale_invariant is not True else ("lower_lr", "clip_gradients")
+        cause = f"the recurrence in {recurrent} amplifies gradients through time"
+    elif over:
+        fixes = ("he_init", "insert_batchnorm", "lower_lr")
         if scale_invariant is False:
             fixes = ("he_init", "insert_batchnorm", "clip_gradients", "lower_lr")
         cause = f"weights of {over[:3]} are {max(scales):.1f}x the He scale"
-    elif recurrent:
-        fixes = ("clip_gradients", "lower_lr")
-        cause = f"the recurrence in {recurrent} amplifies gradients through time"
     else:
         fixes = ("clip_gradients", "lower_lr") if scale_invariant is not True else ("lower_lr", "clip_gradients")
         cause = "updates are large relative to the weights"
@@ -457,7 +482,12 @@ def _activation_findings(ctx: _Context) -> list[Finding]:
         names = [view.activations[i] for i in sat_layers]
         worst = max(sat_m[i] for i in sat_layers)
         feeding = [view.activation_meta[i].feeding_layer for i in sat_layers if view.activation_meta[i].feeding_layer]
-        fixes = ("swap_activation", "insert_batchnorm", "he_init")
+        layer_index = {n: i for i, n in enumerate(view.layers)}
+        over = [f for f in feeding if f in layer_index and math.isfinite(ctx.he_scale[layer_index[f]])
+                and ctx.he_scale[layer_index[f]] * math.sqrt(2.0) >= th.over_scaled_init]
+        # cause before symptom: weights far above the Xavier/LeCun scale push pre-activations into
+        # the flat region; re-initialising removes the cause and keeps the model's activations
+        fixes = ("he_init", "swap_activation", "insert_batchnorm") if over else ("swap_activation", "insert_batchnorm", "he_init")
         findings.append(Finding(
             kind="saturation",
             layers=tuple(names),
@@ -465,7 +495,7 @@ def _activation_findings(ctx: _Context) -> list[Finding]:
             message=(f"Saturation: up to {worst:.0%} of the outputs of {', '.join(names[:3])} sit in the flat region "
                      "of the activation, where its derivative is nearly zero."),
             evidence={"saturated_frac": {view.activations[i]: float(sat_m[i]) for i in sat_layers},
-                      "feeding_layers": feeding, "activations": names, "samples": int(len(view.sample_steps))},
+                      "feeding_layers": feeding, "over_scaled_feeding_layers": over, "activations": names, "samples": int(len(view.sample_steps))},
             fixes=fixes,
             reasons=_reasons("saturation", fixes),
         ))

@@ -69,6 +69,10 @@ class HistoryView:
     nonfinite_steps: int = 0
     total_steps: int = 0
     context: dict[str, Any] = field(default_factory=dict)
+    #: run-long largest grad-to-weight ratio per layer (depth order) and the step it happened at:
+    #: an explosion that wrecked a layer early stays visible after it leaves the window.
+    peak_grad_to_weight: np.ndarray | None = None
+    peak_step: np.ndarray | None = None
 
     def metric(self, name: str) -> np.ndarray:
         """``[steps, layers]`` array of one gradient metric."""
@@ -284,6 +288,8 @@ class History:
         self._signal = _Ring(sample_capacity, (0, len(LAYER_SIGNAL_METRICS)))
         self._summary = _Summary(summary_slots, (0, len(GRAD_METRICS)))
         self.first_nonfinite: tuple[int, list[str]] | None = None
+        self._peak = np.zeros(0)
+        self._peak_step = np.zeros(0, dtype=np.int64)
         self.nonfinite_steps = 0
         self.total_steps = 0
         self.context: dict[str, Any] = {}
@@ -299,6 +305,9 @@ class History:
         self._grad.grow(n)
         self._signal.grow(n)
         self._summary.grow(n)
+        if len(self._peak) < n:
+            self._peak = np.concatenate([self._peak, np.full(n - len(self._peak), np.nan)])
+            self._peak_step = np.concatenate([self._peak_step, np.zeros(n - len(self._peak_step), dtype=np.int64)])
         self._active_layers = set(names)
         index = {name: i for i, name in enumerate(self.layers)}
         return [index[name] for name in names]
@@ -323,6 +332,10 @@ class History:
         self._grad.append(step, record)
         self._scalars.append(step, np.array([total_norm, loss], dtype=np.float32))
         self._summary.add(step, record)
+        gtw = record[:, GRAD_METRICS.index("grad_to_weight")].astype(np.float64)
+        higher = np.isfinite(gtw) & ~(gtw <= self._peak)  # NaN peaks are replaced by any finite value
+        self._peak[higher] = gtw[higher]
+        self._peak_step[higher] = step
         self.total_steps += 1
         nf = np.nan_to_num(values[:, GRAD_METRICS.index("nonfinite")]) > 0
         if nf.any():
@@ -383,6 +396,8 @@ class History:
             act=act[:, a_order] if act.size else np.zeros((len(s_steps), len(a_order), len(ACT_METRICS)), np.float32),
             signal=signal[:, order] if signal.size else np.zeros((len(s_steps), len(order), len(LAYER_SIGNAL_METRICS)), np.float32),
             first_nonfinite=self.first_nonfinite,
+            peak_grad_to_weight=self._peak[order].copy() if len(self._peak) >= len(self.layers) else None,
+            peak_step=self._peak_step[order].copy() if len(self._peak_step) >= len(self.layers) else None,
             nonfinite_steps=self.nonfinite_steps,
             total_steps=self.total_steps,
             context=dict(self.context),

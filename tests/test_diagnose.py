@@ -260,3 +260,28 @@ def test_one_jump_at_the_head_is_not_a_decay_across_depth() -> None:
     # a classifier head initialised near zero has a huge grad-to-weight ratio: one jump, not a trend
     profile = [0.01] * 9 + [100.0]
     assert "vanishing" not in diagnose(view(profile, noise=0.05)).kinds()
+
+
+def test_cause_before_symptom_in_fix_ranking() -> None:
+    sat = [("a0", "tanh", False, 0.0, 0.0)]
+    tiny_tanh = diagnose(view(decaying(10, 6.0), weight_rms_he=0.05, acts=sat)).by_kind("vanishing")[0]
+    assert tiny_tanh.fixes[0] == "he_init"  # tiny weights are the cause, not the (unsaturated) tanh
+    big = diagnose(view([0.01] * 4, weight_rms_he=3.0, acts=[("s0", "sigmoid", False, 0.0, 0.9)])).by_kind("saturation")[0]
+    assert big.fixes[0] == "he_init"
+    ok = diagnose(view([0.01] * 4, acts=[("s0", "sigmoid", False, 0.0, 0.9)])).by_kind("saturation")[0]
+    assert ok.fixes[0] == "swap_activation"
+    rnn = diagnose(view([200.0] * 3, weight_rms_he=3.0, types=["RNN"] * 3, context={"optimizer_scale_invariant": False}))
+    assert rnn.by_kind("exploding")[0].fixes[0] == "clip_gradients"
+
+
+def test_an_early_explosion_that_silenced_a_layer_stays_visible() -> None:
+    v = view([0.01] * 4, steps=30)
+    v.grad[:, 1, M["grad_norm"]] = 0.0  # layer l1 has had no gradient since
+    v.grad[:, 1, M["grad_to_weight"]] = 0.0
+    v.peak_grad_to_weight = np.array([0.02, 5e3, 0.02, 0.02])
+    v.peak_step = np.array([3, 0, 5, 5])
+    (f,) = diagnose(v).by_kind("exploding")
+    assert f.layers == ("l1",) and f.severity == "critical"
+    assert f.evidence["peak_grad_to_weight"]["l1"]["step"] == 0
+    v.peak_grad_to_weight = np.array([0.02, 50.0, 0.02, 0.02])  # below the critical ratio: no finding
+    assert "exploding" not in diagnose(v).kinds()
