@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 if TYPE_CHECKING:
     from gradwatch.findings import Diagnosis
@@ -38,6 +40,10 @@ _LABEL_CHARS = 28
 def _positive(values: Sequence[float]) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+
+
+def _decade(value: float, _pos: int) -> str:
+    return f"1e{round(math.log10(value)):+03d}" if value > 0 else ""
 
 
 def _short(name: str) -> str:
@@ -73,47 +79,61 @@ def gradient_flow_figure(
         raise ValueError(f"gradient_flow_figure: got {n} layers, {len(mean_abs)} mean values and {len(max_abs)} max values")
     mean, mx = _positive(mean_abs), _positive(max_abs)
     width = min(24.0, max(6.0, 0.32 * n + 2.5))
-    fig = Figure(figsize=(width, 4.8), dpi=100, layout="constrained")
+    labels = [_short(name) for name in layers]
+    # fixed margins sized for the rotated layer names (constrained layout costs ~10x the drawing)
+    label_in = 0.075 * max((len(label) for label in labels), default=1) + 0.7
+    height = 3.6 + label_in
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=1.0 / width, right=1 - 0.2 / width, top=1 - 0.75 / height, bottom=label_in / height)
     ax = fig.add_subplot()
-    x = np.arange(n)
     flags = {k: set(v) for k, v in (flags or {}).items()}
-    highlighted: set[str] = set()
-    for i, name in enumerate(layers):
+    kind_of = {}
+    for name in layers:
         for kind in ("nonfinite", "exploding", "vanishing"):
             if kind in flags.get(name, ()):
-                ax.axvspan(i - 0.5, i + 0.5, color=_COLORS[kind], alpha=0.15, lw=0)
-                highlighted.add(kind)
+                kind_of[name] = kind
                 break
-    ax.bar(x, mx, width=0.8, color=_MAX_COLOR, label="max |g|")
-    ax.bar(x, mean, width=0.45, color=_MEAN_COLOR, label="mean |g|")
     finite = np.concatenate([mean[np.isfinite(mean)], mx[np.isfinite(mx)]])
     ax.set_yscale("log")
-    if len(finite):
-        lo, hi = float(finite.min()), float(finite.max())
-        ax.set_ylim(lo / 4, hi * 4)
-        missing = [i for i in range(n) if not math.isfinite(mean[i]) and not math.isfinite(mx[i])]
-        if missing:
-            ax.plot(missing, [lo / 2] * len(missing), "x", color="#7f7f7f", label="no gradient")
-    else:
+    lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (1e-3, 1.0)
+    bottom = lo / 4
+    ax.set_ylim(bottom, hi * 4)
+    # one collection per kind of artist (hundreds of bar patches and spans cost seconds to draw)
+    for kind in ("vanishing", "exploding", "nonfinite"):
+        idx = [i for i, name in enumerate(layers) if kind_of.get(name) == kind]
+        if idx:
+            spans = [[(i - 0.5, 0), (i - 0.5, 1), (i + 0.5, 1), (i + 0.5, 0)] for i in idx]
+            ax.add_collection(PolyCollection(spans, facecolors=_COLORS[kind], alpha=0.15, linewidths=0,
+                                             transform=ax.get_xaxis_transform(), gid=f"highlight_{kind}"))
+    for values, half, color, gid in ((mx, 0.4, _MAX_COLOR, "max_bars"), (mean, 0.225, _MEAN_COLOR, "mean_bars")):
+        bars = [[(i - half, bottom), (i - half, v), (i + half, v), (i + half, bottom)] for i, v in enumerate(values) if math.isfinite(v)]
+        ax.add_collection(PolyCollection(bars, facecolors=color, linewidths=0, gid=gid))
+    missing = [i for i in range(n) if not math.isfinite(mean[i]) and not math.isfinite(mx[i])]
+    if missing:
+        ax.plot(missing, [lo / 2] * len(missing), "x", color="#7f7f7f", label="no gradient")
+    if not len(finite):
         ax.text(0.5, 0.5, "no gradient recorded", transform=ax.transAxes, ha="center", va="center")
-    ax.set_xticks(x)
-    step = max(1, math.ceil(n / 80))
-    labels = [_short(name) if i % step == 0 else "" for i, name in enumerate(layers)]
-    ax.set_xticklabels(labels, rotation=90, fontsize=8 if n > 20 else 9)
-    for tick, name in zip(ax.get_xticklabels(), layers, strict=True):
-        for kind in ("nonfinite", "exploding", "vanishing"):
-            if kind in flags.get(name, ()):
-                tick.set_color(_COLORS[kind])
-                break
+    step = max(1, math.ceil(n / 60))
+    shown = list(range(0, n, step))
+    ax.set_xticks(shown)
+    ax.set_xticklabels([labels[i] for i in shown], rotation=90, fontsize=8 if n > 20 else 9)
+    for tick, i in zip(ax.get_xticklabels(), shown, strict=True):
+        if layers[i] in kind_of:
+            tick.set_color(_COLORS[kind_of[layers[i]]])
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(_decade))  # plain "1e-05": no mathtext parsing
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_xlabel("layer (input \u2192 output)")
     ax.set_ylabel("|gradient|")
     ax.grid(axis="y", which="major", alpha=0.3)
-    handles, _ = ax.get_legend_handles_labels()
-    handles += [Patch(color=_COLORS[k], alpha=0.3, label=f"{k} layer") for k in ("vanishing", "exploding", "nonfinite") if k in highlighted]
-    ax.legend(handles=handles, loc="upper left", fontsize=8, framealpha=0.85)
-    ax.set_title(title or "gradient flow", fontsize=11)
+    handles = [Patch(color=_MAX_COLOR, label="max |g|"), Patch(color=_MEAN_COLOR, label="mean |g|")]
+    handles += ax.get_legend_handles_labels()[0]
+    handles += [Patch(color=_COLORS[k], alpha=0.3, label=f"{k} layer") for k in ("vanishing", "exploding", "nonfinite")
+                if k in kind_of.values()]
+    ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles), fontsize=8,
+              frameon=False, borderaxespad=0.2, handlelength=1.2, columnspacing=1.0)
+    fig.suptitle(title or "gradient flow", x=1.0 / width, y=1 - 0.08 / height, ha="left", va="top", fontsize=11)
     return fig
 
 

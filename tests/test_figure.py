@@ -8,7 +8,6 @@ import matplotlib
 import pandas as pd
 import pytest
 from gw_testing import mlp, train, vector_task
-from matplotlib.patches import Rectangle
 from torch import nn
 
 import gradwatch
@@ -34,12 +33,13 @@ def sigmoid_run():
         return w.to_dataframe(), w.diagnose(), [layer.name for layer in w.layers]
 
 
-def bars(fig) -> list[Rectangle]:
-    return [p for p in fig.axes[0].patches if isinstance(p, Rectangle) and p.get_width() < 1]
+def collection(fig, gid: str):
+    found = [c for c in fig.axes[0].collections if c.get_gid() == gid]
+    return found[0] if found else None
 
 
-def spans(fig) -> list:
-    return [p for p in fig.axes[0].patches if not (isinstance(p, Rectangle) and p.get_width() < 1)]
+def bar_heights(fig, gid: str) -> list[float]:
+    return [float(path.vertices[:, 1].max()) for path in collection(fig, gid).get_paths()]
 
 
 def test_from_dataframe_draws_mean_and_max_per_layer_in_depth_order(sigmoid_run) -> None:
@@ -48,13 +48,13 @@ def test_from_dataframe_draws_mean_and_max_per_layer_in_depth_order(sigmoid_run)
     fig = figure_from_dataframe(df, diag)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == layers
-    assert len(bars(fig)) == 2 * len(layers)
+    assert len(bar_heights(fig, "mean_bars")) == len(bar_heights(fig, "max_bars")) == len(layers)
     assert ax.get_yscale() == "log"
     vanishing = set(diag.by_kind("vanishing")[0].layers)
-    assert len(spans(fig)) == len(vanishing)  # one highlighted band per vanishing layer
+    assert len(collection(fig, "highlight_vanishing").get_paths()) == len(vanishing)  # one band per vanishing layer
     colors = {t.get_text(): t.get_color() for t in ax.get_xticklabels()}
     assert len({colors[n] for n in vanishing}) == 1 and colors[layers[-1]] not in {colors[n] for n in vanishing}
-    assert "vanishing" in ax.get_title()
+    assert "vanishing" in fig.get_suptitle()
     prof = layer_profile(df)
     assert list(prof.index) == layers
     assert (prof["grad_max_abs"] >= prof["grad_mean_abs"]).all()
@@ -65,10 +65,9 @@ def test_from_dataframe_draws_mean_and_max_per_layer_in_depth_order(sigmoid_run)
 def test_from_diagnosis_matches_its_table(sigmoid_run, tmp_path) -> None:
     _, diag, layers = sigmoid_run
     fig = figure_from_diagnosis(diag, name="sig")
-    heights = [b.get_height() for b in bars(fig)]
     means = [row.grad_mean_abs for row in diag.layers]
-    assert sorted(heights[len(layers):]) == pytest.approx(sorted(means))
-    assert fig.axes[0].get_title().startswith("sig: gradient flow (steps")
+    assert bar_heights(fig, "mean_bars") == pytest.approx(means)
+    assert fig.get_suptitle().startswith("sig: gradient flow (steps")
     save_figure(fig, tmp_path / "flow.png")
     assert (tmp_path / "flow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -88,7 +87,8 @@ def test_many_layers_and_long_names_stay_readable() -> None:
     names = [f"encoder.layers.{i}.self_attention.out_projection" for i in range(200)]
     fig = gradient_flow_figure(names, [10.0 ** -(i / 20) for i in range(200)], [10.0 ** -(i / 25) for i in range(200)])
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert sum(bool(label) for label in labels) <= 100 and all(len(label) <= 28 for label in labels)
+    assert len(labels) <= 60 and all(len(label) <= 28 for label in labels)
+    assert labels[0].startswith("...") and labels[0].endswith("out_projection")
     assert fig.get_size_inches()[0] <= 24
 
 
