@@ -48,8 +48,9 @@ class Thresholds:
             positions) for "never active" to mean dead rather than unlucky (0.5 ** 16 ~ 1.5e-5).
         saturated_frac: fraction of a sigmoid/tanh layer's outputs in the flat region: warning.
         saturated_critical_frac: ... critical.
-        amp_tolerated_nonfinite: with fp16 loss scaling, up to this fraction of steps with
-            non-finite gradients (isolated, the latest steps finite) is loss-scale calibration.
+        amp_tolerated_nonfinite: unused since 0.1.0 (kept so old configurations load): with fp16
+            loss scaling, non-finite gradients are a finding only while they occur in at least half
+            of the latest four collected steps (calibration overflows are skipped steps).
     """
 
     window: int = 50

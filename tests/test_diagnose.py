@@ -285,3 +285,13 @@ def test_an_early_explosion_that_silenced_a_layer_stays_visible() -> None:
     assert f.evidence["peak_grad_to_weight"]["l1"]["step"] == 0
     v.peak_grad_to_weight = np.array([0.02, 50.0, 0.02, 0.02])  # below the critical ratio: no finding
     assert "exploding" not in diagnose(v).kinds()
+
+
+def test_loss_scale_calibration_overflows_are_not_a_finding_but_persistent_ones_are() -> None:
+    v = view([0.01] * 4, steps=24, context={"amp_loss_scaling": True})
+    v.grad[:13, 1, M["nonfinite"]] = 5  # the scaler halves its scale 13 times, then settles
+    v.first_nonfinite = (0, ["l1"])
+    v.nonfinite_steps = 13
+    assert "nonfinite" not in diagnose(v).kinds()
+    v.grad[-3:, 1, M["nonfinite"]] = 5  # overflowing again and again: skipped steps, no training
+    assert "nonfinite" in diagnose(v).kinds()
