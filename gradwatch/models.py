@@ -354,21 +354,26 @@ def hidden_grad_norms_per_step(case: ReferenceCase, batch: tuple[Tensor, Tensor]
         A float tensor of shape ``(time,)``: the norm over batch and hidden units at each step.
 
     Raises:
-        TypeError: if the case's model is not a :class:`RecurrentClassifier`.
+        TypeError: if the case's model is not a :class:`RecurrentClassifier` of a plain
+            ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM``.
     """
     model = case.model
     if not isinstance(model, RecurrentClassifier):
         raise TypeError(f"{case.name!r} has a {type(model).__name__}, not a RecurrentClassifier")
+    if type(model.rnn) not in (nn.RNN, nn.GRU, nn.LSTM):  # a subclass may not carry its state across calls
+        raise TypeError(f"cannot re-run a {type(model.rnn).__name__} step by step; supported: RNN, GRU, LSTM")
     inputs, targets = case.batch(0) if batch is None else batch
     state: Tensor | tuple[Tensor, Tensor] | None = None
     states: list[Tensor] = []
-    for t in range(inputs.shape[1]):
-        _, state = model.rnn(inputs[:, t : t + 1], state)
-        states.extend(state if isinstance(state, tuple) else (state,))
-    last_hidden = states[-2] if isinstance(state, tuple) else states[-1]  # (layers, batch, hidden)
-    loss = case.loss_fn(model.head(last_hidden[-1]), targets)
-    grads = torch.autograd.grad(loss, states)
-    per_state = torch.stack([g.norm() for g in grads]).view(inputs.shape[1], -1)
+    with torch.enable_grad():
+        for t in range(inputs.shape[1]):
+            _, state = model.rnn(inputs[:, t : t + 1], state)
+            states.extend(state if isinstance(state, tuple) else (state,))
+        last_hidden = states[-2] if isinstance(state, tuple) else states[-1]  # (layers, batch, hidden)
+        loss = case.loss_fn(model.head(last_hidden[-1]), targets)
+        grads = torch.autograd.grad(loss, states, allow_unused=True)  # an LSTM's last c_T is unused
+    zero = loss.new_zeros(())
+    per_state = torch.stack([zero if g is None else g.norm() for g in grads]).view(inputs.shape[1], -1)
     return per_state.norm(dim=1).detach()
 
 

@@ -366,6 +366,22 @@ def test_trained_gru_twin_carries_the_gradient_to_the_first_step():
     assert norms[0] / norms[-1] > 0.1
 
 
+@pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
+def test_hidden_grad_norms_match_the_full_sequence_at_the_last_step(cell):
+    """The step-by-step re-run computes what the fused forward does: at t=T both see only the head."""
+    case = models.create("vanilla_rnn", seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        case.model.rnn = cell(1, models.RNN_HIDDEN, batch_first=True)
+    norms = models.hidden_grad_norms_per_step(case)
+    inputs, targets = case.batch(0)
+    outputs, _ = case.model.rnn(inputs)
+    last = outputs[:, -1]
+    (grad,) = torch.autograd.grad(case.loss_fn(case.model.head(last), targets), last)
+    assert norms.shape == (models.RNN_LENGTH,) and torch.isfinite(norms).all()
+    torch.testing.assert_close(norms[-1], grad.norm())
+
+
 def test_hidden_grad_norms_leave_grads_alone_and_need_a_recurrent_case():
     case = models.create("vanilla_rnn", seed=0)
     models.hidden_grad_norms_per_step(case, case.batch(1))
