@@ -63,7 +63,7 @@ log = logging.getLogger("gradwatch")
 META_FORMAT = 1
 _DEFAULT_FIGURE_EVERY = 500
 _DEFAULT_WINDOW = 50
-_MAX_QUEUE = 256
+_MAX_QUEUE = 64
 _G = {m: i for i, m in enumerate(GRAD_METRICS)}
 _LIVE: weakref.WeakSet[TensorBoardSink] = weakref.WeakSet()
 # writers that already hold a gradwatch layout (add_custom_scalars may be called once per writer)
@@ -136,7 +136,7 @@ class TensorBoardSink:
         weight_histograms: also write ``weight_hist/<layer>`` on histogram steps.
         figure_every_n_steps: log the gradient-flow figure every n collected steps (0: only at
             close). Default: the watcher's ``figure_every_n_steps``, else 500. Rendering takes
-            tens of milliseconds, hence the sparse default.
+            0.1-1 s on the training thread (more layers, longer), hence the sparse default.
         text: write the diagnosis report as text when the findings change.
         layout: write the custom-scalars dashboard layout (once per writer).
         prefix: prepended to every tag (e.g. ``"gradwatch/"``) when the writer is shared with
@@ -181,16 +181,16 @@ class TensorBoardSink:
         if isinstance(log_dir, str | os.PathLike):
             from torch.utils.tensorboard import SummaryWriter
 
-            # a histogram step queues two events per layer: a deeper queue keeps training from waiting
+            # a deeper queue than the default 10 lets bursts (histograms, figure, text) go by without waiting
             self.writer = SummaryWriter(log_dir=os.fspath(log_dir), flush_secs=flush_secs, max_queue=_MAX_QUEUE)
             self.owns_writer = True
-        elif hasattr(log_dir, "add_scalar") and hasattr(log_dir, "add_histogram_raw"):
+        elif hasattr(log_dir, "add_custom_scalars") and (hasattr(log_dir, "file_writer") or hasattr(log_dir, "_get_file_writer")):
             self.writer = log_dir
             self.owns_writer = False
         else:
             raise TypeError(
-                "TensorBoardSink: log_dir must be a directory path or a torch.utils.tensorboard.SummaryWriter, "
-                f"got {type(log_dir).__name__}"
+                "TensorBoardSink: log_dir must be a directory path or a torch.utils.tensorboard.SummaryWriter "
+                f"(tensorboardX's works too), got {type(log_dir).__name__}"
             )
         from gradwatch.crc32c import accelerate_writer
 
@@ -210,6 +210,8 @@ class TensorBoardSink:
         self._warned: set[str] = set()
         self._table_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._layer_keys: dict[str, str] = {}
+        self._act_keys: list[str] = []
+        self._meta_context: dict[str, Any] | None = None
         self._grad_tags: np.ndarray = np.zeros(0, dtype=object)
         self._act_tags: np.ndarray = np.zeros(0, dtype=object)
         self._signal_tags: np.ndarray = np.zeros(0, dtype=object)
@@ -261,12 +263,16 @@ class TensorBoardSink:
     def _update_tables(self, layers: list[str], activations: list[str], step: int) -> None:
         key = (tuple(layers), tuple(activations))
         if key == self._table_key:
+            context = getattr(getattr(self.watcher, "history", None), "context", None)
+            if context is not None and context != self._meta_context:  # e.g. AMP loss scaling noticed later
+                self._write_meta(layers, activations, list(self._act_keys), step)
             return
         self._table_key = key
         lw, aw = T.depth_width(len(layers)), T.depth_width(len(activations))
         self._layer_keys = {name: T.layer_key(i, name, lw) for i, name in enumerate(layers)}
-        act_keys = [T.layer_key(i, name, aw) for i, name in enumerate(activations)]
+        act_keys = self._act_keys = [T.layer_key(i, name, aw) for i, name in enumerate(activations)]
         p = self.prefix
+
         def prefixes(tags: list[str]) -> np.ndarray:
             return np.array([_value_prefix(t) for t in tags], dtype=object)
 
@@ -298,7 +304,8 @@ class TensorBoardSink:
         }
         if w is not None:
             meta["name"] = getattr(w, "name", None)
-            meta["context"] = {k: _json_safe(v) for k, v in dict(getattr(history, "context", {}) or {}).items()}
+            self._meta_context = dict(getattr(history, "context", {}) or {})
+            meta["context"] = {k: _json_safe(v) for k, v in self._meta_context.items()}
             th = getattr(w, "thresholds", None)
             if th is not None:
                 meta["thresholds"] = asdict(th)
@@ -307,7 +314,7 @@ class TensorBoardSink:
                     meta[attr] = getattr(w, attr)
         payload = json.dumps(meta).encode("utf-8")
         metadata = SummaryMetadata(
-            plugin_data=SummaryMetadata.PluginData(plugin_name=T.META_PLUGIN, content=payload),
+            plugin_data=SummaryMetadata.PluginData(plugin_name=T.META_PLUGIN, content=json.dumps({"format": META_FORMAT}).encode()),
             summary_description="gradwatch run metadata (read by `gradwatch report`)",
         )
         tensor = TensorProto(dtype="DT_STRING", string_val=[payload], tensor_shape=TensorShapeProto())
