@@ -52,16 +52,28 @@ def _first_tensor(obj: object) -> torch.Tensor | None:
     return None
 
 
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    """RMS of |t| in float32, in one pass without temporaries (``vector_norm`` / sqrt(numel))."""
+    t = t.detach()
+    wide = t.dtype in (torch.float32, torch.float64) or t.is_complex()
+    return torch.linalg.vector_norm(t, dtype=None if wide else torch.float32).float() / math.sqrt(t.numel())
+
+
+def _fraction(mask: torch.Tensor) -> torch.Tensor:
+    return torch.count_nonzero(mask).float() / mask.numel()
+
+
 def _saturated(kind: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    # boolean masks counted with count_nonzero (no float copy of the mask)
     if kind == "sigmoid":
         if isinstance(module, nn.Hardsigmoid):
-            return ((x <= -3) | (x >= 3)).float().mean()
-        return ((y < 0.01) | (y > 0.99)).float().mean()
+            return _fraction((x <= -3) | (x >= 3))
+        return _fraction((y < 0.01) | (y > 0.99))
     if kind == "tanh":
-        return (y.abs() > 0.99).float().mean()
+        return _fraction(y.abs() > 0.99)
     if kind == "hard":
         lo, hi = float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val", 1.0))
-        return ((x <= lo) | (x >= hi)).float().mean()
+        return _fraction((x <= lo) | (x >= hi))
     return None
 
 
@@ -151,7 +163,9 @@ class ActivationSampler:
             x, y = _first_tensor(args), _first_tensor(output)
             if x is None or y is None or x.numel() == 0 or not x.is_floating_point():
                 return
-            nan = torch.tensor(math.nan, device=x.device)
+            # scalars known on the host are made with fill kernels (torch.full), not torch.tensor():
+            # a host-to-device copy would synchronise an accelerator inside the forward pass
+            nan = torch.full((), math.nan, device=x.device)
             if kind == "relu" and x.dim() >= 1:
                 unit_dim = 1 if (unit_dim_first and x.dim() >= 3) or x.dim() == 2 else x.dim() - 1
                 if x.dim() == 1:
@@ -160,10 +174,10 @@ class ActivationSampler:
                 n_units = x.shape[unit_dim]
                 alive = x.amax(dim=reduce) > 0 if reduce else x > 0
                 dead = 1.0 - alive.float().mean()
-                samples = torch.tensor(float(x.numel() // max(1, n_units)), device=x.device)
+                samples = torch.full((), float(x.numel() // max(1, n_units)), device=x.device)
             else:
                 dead, samples = nan, nan
-            sat = _saturated(kind, module, x.float(), y.float())
+            sat = _saturated(kind, module, x.float(), y.float())  # no copy for float32
             self._act[name] = torch.stack([dead.float(), (sat if sat is not None else nan).float(), samples.float()])
 
         return hook
@@ -174,12 +188,12 @@ class ActivationSampler:
             if o is None or o.numel() == 0 or not (o.is_floating_point() or o.is_complex()):
                 return
             with torch.no_grad():
-                self._fwd[index] = o.detach().abs().float().square().mean().sqrt()
+                self._fwd[index] = _rms(o)
             if o.requires_grad:
 
                 def grad_hook(g: torch.Tensor) -> None:
                     with torch.no_grad():
-                        self._bwd[index] = g.detach().abs().float().square().mean().sqrt()
+                        self._bwd[index] = _rms(g)
 
                 o.register_hook(grad_hook)
 
@@ -221,7 +235,7 @@ class ActivationSampler:
             return None
         self.captured = False
         nan3 = torch.full((len(ACT_METRICS),), math.nan, device=device)
-        nan1 = torch.tensor(math.nan, device=device)
+        nan1 = torch.full((), math.nan, device=device)
         parts = [self._act.get(name, nan3).to(device) for name, _ in self.activations]
         fwd = [self._fwd.get(layer.name, nan1).to(device) for layer in self.layers]
         bwd = [self._bwd.get(layer.name, nan1).to(device) for layer in self.layers]

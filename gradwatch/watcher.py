@@ -294,6 +294,7 @@ class GradWatcher:
         call = self.calls
         self.calls += 1
         if call % self.every_n_steps:
+            self._arm_for_next_call()
             return
         try:
             self._collect(call if global_step is None else int(global_step), loss)
@@ -347,7 +348,13 @@ class GradWatcher:
 
     def _after_step(self, index: int) -> None:
         self.collected = index + 1
-        if self._sampler is not None and self._is_sample(self.collected) and not self.closed:
+        self._arm_for_next_call()
+
+    def _arm_for_next_call(self) -> None:
+        """Attach the activation hooks iff the next ``step()`` call is collected *and* sampled, so they
+        exist only during that step's forward pass (none on steps skipped by ``every_n_steps``)."""
+        if (self._sampler is not None and not self.closed and self.calls % self.every_n_steps == 0
+                and self._is_sample(self.collected)):
             self._sampler_arm()
 
     def _record(self, step: int, stats: StepStats, loss: float, sample: torch.Tensor | None) -> None:
@@ -359,13 +366,23 @@ class GradWatcher:
             act_values, signal = act_t.numpy(), sig_t.numpy()
             self.history.append_sample(step, self._act_columns, act_values, self._columns, signal)
         if self.sinks:
+            layer_names, act_names = self._record_names()
             record = StepRecord(
-                step=step, layers=[layer.name for layer in self.layers], values=values, total_norm=stats.total_norm,
-                loss=loss, activations=[a for a, _ in self._acts], act_values=act_values, signal=signal,
+                step=step, layers=layer_names, values=values, total_norm=stats.total_norm,
+                loss=loss, activations=act_names, act_values=act_values, signal=signal,
                 extra=dict(self._extra_scalars),
             )
             for sink in self.sinks:
                 sink.write_step(record)
+
+    def _record_names(self) -> tuple[list[str], list[str]]:
+        """Layer and activation names for step records, rebuilt only when the layers change (no
+        per-layer Python work on the hot path). Sinks must not modify these lists."""
+        cache = getattr(self, "_names_cache", None)
+        if cache is None or cache[0] is not self.layers or cache[1] is not self._acts:
+            cache = self._names_cache = (self.layers, self._acts, [layer.name for layer in self.layers],
+                                         [a for a, _ in self._acts])
+        return cache[2], cache[3]
 
     def _params_changed(self) -> bool:
         key = tuple(id(p) for layer in discover_layers(self.model) for p in layer.params)
