@@ -134,7 +134,10 @@ def demo(argv: Sequence[str]) -> int:
         print("gradwatch demo: the demo is not part of this installation (gradwatch/demo.py is missing). "
               "Try `python examples/quickstart.py`, or update gradwatch.", file=sys.stderr)
         return EXIT_USAGE
-    result = demo_module.main(list(argv))
+    try:
+        result = demo_module.main(list(argv))
+    except SystemExit as exc:  # the demo's own argparse (--help, usage errors)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     return int(result or 0)
 
 
