@@ -120,9 +120,10 @@ class _Plan:
         self.groups = list(groups.values())
         self.order = self.big + [j for grp in self.groups for j in grp] + self.other
         self.positions = [positions[j] for j in self.order]
-        self.idx = torch.tensor([owner[i] for i in self.positions], dtype=torch.long, device=device)
-        row = torch.zeros(n_layers, dtype=torch.float64)
-        row.index_add_(0, self.idx.cpu(), torch.tensor([float(numel[i]) for i in self.positions], dtype=torch.float64))
+        idx = torch.tensor([owner[i] for i in self.positions], dtype=torch.long)  # built on the host,
+        row = torch.zeros(n_layers, dtype=torch.float64)                         # then moved (no sync)
+        row.index_add_(0, idx, torch.tensor([float(numel[i]) for i in self.positions], dtype=torch.float64))
+        self.idx = idx.to(device)
         self.numel_row = row.to(device=device, dtype=acc)
         self.acc = acc
 
@@ -227,7 +228,8 @@ class GradientCollector:
             if extra:
                 cols[2].append(torch.stack(torch._foreach_norm(other, 1, dtype=acc)))
                 cols[3].append(torch.stack(torch._foreach_norm(other, 0, dtype=acc)))
-        return [c[0] if len(c) == 1 else torch.cat(c) for c in cols]
+        # no slot at all (every tensor on this device has 0 elements): empty columns, nothing to reduce
+        return [c[0] if len(c) == 1 else (torch.cat(c) if c else plan.idx.new_zeros(0, dtype=acc)) for c in cols]
 
     def _device_rows(
         self,
@@ -255,7 +257,7 @@ class GradientCollector:
         state = self._snap_state.pop(device, None)
         if snapshot is not None or slow:
             # weights: slot order of the parameters' own plan (same positions as the gradients)
-            params = [_local(self.params[i].detach()) for i in positions]
+            params = [_local(self.params[i]) for i in positions]  # under no_grad: no detach op per parameter
             params = [w if w.layout == torch.strided and not w.is_complex() else _as_real_dense(w) for w in params]
             wkey, wplan = self._plan("weight", device, positions, params, acc, False)
             if snapshot is not None and state is not None and state[0] == wkey:

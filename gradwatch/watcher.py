@@ -335,7 +335,8 @@ class GradWatcher:
         n_rows = sizes[0]
         grad_host = [first[:n_rows].reshape(partials[0][1].shape)] + [h.reshape(p[1].shape) for h, p in zip(host[1:], partials[1:], strict=True)]
         stats = self.collector.finish(partials, grad_host, slow)
-        loss_value = float(first[n_rows + sizes[1]]) if sizes[2] else (float(loss) if isinstance(loss, int | float) else math.nan)
+        # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
+        loss_value = float(first.numpy()[n_rows + sizes[1]]) if sizes[2] else (float(loss) if isinstance(loss, int | float) else math.nan)
         self._record(step, stats, loss_value, first[n_rows:n_rows + sizes[1]] if sizes[1] else None)
         if self.histogram_every_n_steps and index % self.histogram_every_n_steps == 0:
             for sink in self.sinks:
