@@ -153,3 +153,21 @@ def test_usage_errors(capsys) -> None:
     assert main(["report"]) == 2
     assert main(["--version"]) == 0
     assert "gradwatch" in capsys.readouterr().out
+
+
+def test_a_prefixed_sink_sharing_a_writer_with_other_metrics_is_read_back(tmp_path) -> None:
+    from gradwatch.tensorboard import TensorBoardSink
+
+    writer = SummaryWriter(str(tmp_path / "shared"))
+    model = mlp(nn.ReLU, 3)
+    with gradwatch.watch(model, sinks=[TensorBoardSink(writer, prefix="gw/", figure_every_n_steps=0)]) as w:
+        for step in range(6):
+            train(model, vector_task(step), 1, watcher=w)
+            writer.add_scalar("grad_norm/total", 123.0, step)  # the user's own tag of the same name
+        df = w.to_dataframe()
+    writer.close()
+    run = read_run(tmp_path / "shared")
+    assert run.meta["prefix"] == "gw/"
+    norms = run.frame[(run.frame["layer"] == "(total)") & (run.frame["metric"] == "grad_norm")]["value"]
+    assert len(norms) == 6 and 123.0 not in set(norms)  # the user's series is not mistaken for gradwatch's
+    assert set(run.frame["layer"]) - {"(total)"} == set(df["layer"]) - {"(total)"}
