@@ -131,7 +131,8 @@ def window(view: HistoryView, last: int, last_samples: int) -> HistoryView:
 
     steps = view.steps[-last:]
     keep = np.zeros(len(view.sample_steps), dtype=bool)
-    keep[-last_samples:] = True
+    if last_samples > 0:
+        keep[-last_samples:] = True
     if len(steps):
         keep &= view.sample_steps >= steps[0]
     return replace(
