@@ -246,14 +246,17 @@ def test_borrowed_writer_is_flushed_not_closed_and_layout_is_written_once(tmp_pa
 
 def test_standalone_sink_with_prefix(tmp_path: Path) -> None:
     writer = SummaryWriter(str(tmp_path))
-    sink = TensorBoardSink(writer, prefix="gw/", figure_every_n_steps=2)
+    sink = TensorBoardSink(writer, prefix="gw/", figure_every_n_steps=2, weight_histograms=True)
     model = mlp(nn.ReLU, 3)
-    with gradwatch.watch(model, sinks=[sink]) as w:
+    with gradwatch.watch(model, sinks=[sink], histogram_every_n_steps=2) as w:
         train(model, vector_task(), 4, watcher=w)
     writer.close()
     acc = accumulate(tmp_path)
     assert "gw/grad_norm/total" in acc.Tags()["scalars"] and "gw/grad_norm/00.0" in acc.Tags()["scalars"]
     assert [e.step for e in acc.Images("gw/" + T.FIGURE_TAG)] == [1, 3]
+    weights = acc.Histograms("gw/weight_hist/00.0")
+    assert [e.step for e in weights] == [0, 2]
+    assert sum(weights[0].histogram_value.bucket) == sum(p.numel() for p in model[0].parameters())
 
 
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
