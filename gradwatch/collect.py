@@ -340,6 +340,12 @@ class GradientCollector:
         present = rows[_NUMEL] > 0
         check = rows[_SUMSQ] + rows[_MAX] + (rows[_L1] if slow else 0.0)
         bad = np.flatnonzero(present & ~np.isfinite(check)).tolist()
+        if any(t.dtype != torch.float64 for t in host):
+            # a float32 sum of squares below 2**-100 has lost precision (the squares of |g| < 1e-19 are
+            # subnormal, of |g| < 1e-23 zero): a layer of tiny non-zero gradients would read as "no
+            # gradient" (grad_norm 0) exactly when gradients vanish; recompute those layers in float64
+            tiny = np.flatnonzero(present & (rows[_MAX] > 0) & (rows[_SUMSQ] < _TINY_SUMSQ)).tolist()
+            bad = sorted(set(bad).union(tiny)) if tiny else bad
         if bad:
             self._repair(rows, nonfinite, bad, slow)
         values = np.full((n, len(GRAD_METRICS)), np.nan)
@@ -363,7 +369,7 @@ class GradientCollector:
             values[:, G["grad_to_weight"]] = np.where(present, ratio, np.nan)
         total = float(np.sqrt(rows[_SUMSQ][present].sum())) if present.any() else math.nan
         return StepStats(values=torch.from_numpy(values), total_norm=total,
-                         nonfinite_layers=bad if nonfinite.any() else [])
+                         nonfinite_layers=np.flatnonzero(nonfinite).tolist())
 
     def _repair(self, rows: np.ndarray, nonfinite: np.ndarray, bad: list[int], slow: bool) -> None:
         """Slow path for layers whose reductions are non-finite: count, then recompute over finite values."""
@@ -392,6 +398,9 @@ class GradientCollector:
 
 
 _SUM_ROWS = [_SUMSQ, _L1, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ]
+#: float32 sums of squares below this are recomputed in float64 (``finish``); above it the squares
+#: lost to underflow (< 2**-149 each) change the sum by less than n * 2**-49 relative.
+_TINY_SUMSQ = 2.0**-100
 
 
 def reduce_sharded_rows(rows: torch.Tensor, group: object = None, replicas: torch.Tensor | None = None) -> torch.Tensor:
