@@ -13,7 +13,8 @@ key, and one ``bincount`` per tensor counts the keys on the tensor's device. The
   is the same for every layer and step, so vanishing shows as a shift to the left, layer by layer;
 - exact counts of **zeros**, **NaN** and **Inf** (kept out of both histograms).
 
-Float32 subnormals (|g| < 1.2e-38) are counted as zeros. The binning is exact at the bucket level
+Float32 subnormals (|g| < 1.2e-38) are counted as zeros, and finite float64 values beyond float32's
+range are binned as +-3.4e38 (the top bucket), never counted as Inf. The binning is exact at the bucket level
 (bucket counts sum to the number of finite values); ``min``/``max`` are exact for tensors without
 NaN/Inf (one ``aminmax``), else the outer bucket edges; ``sum``/``sum_squares`` are computed from
 bucket midpoints (TensorBoard's histogram views do not use them; two more passes over every
@@ -38,6 +39,7 @@ _SUB = 8                # buckets per power of two (3 mantissa bits)
 _FIRST_NORMAL = _SUB    # keys below have a zero exponent field: zeros and subnormals
 _INF_KEY = 255 * _SUB   # exponent field 255: Inf (mantissa 0) and NaN
 _STATS = 2              # min, max
+_F32_MAX = float(torch.finfo(torch.float32).max)
 _LOG_GROUP = 2          # log10|g| histogram: 8 / 2 = 4 buckets per power of two
 _CENTRE_FRACTION = 2.0**-12  # value histogram: buckets this close to zero (relative to the range) are merged
 
@@ -110,6 +112,10 @@ def _as_float32_flat(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.layout != torch.strided or t.is_complex() or type(t) is not torch.Tensor:
         t = _as_real_dense(t)
+    if t.dtype == torch.float64:
+        x = t.float()  # finite values beyond float32's range would become inf: saturate them instead
+        over = torch.isinf(x) & torch.isfinite(t)
+        return torch.where(over, torch.copysign(torch.full_like(x, _F32_MAX), x), x).reshape(-1)
     if t.dtype != torch.float32:
         t = t.float()
     return t.reshape(-1)
