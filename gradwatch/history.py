@@ -289,6 +289,7 @@ class History:
         self._summary = _Summary(summary_slots, (0, len(GRAD_METRICS)))
         self.first_nonfinite: tuple[int, list[str]] | None = None
         self._peak = np.zeros(0)
+        self._first_losses: list[float] = []
         self._peak_step = np.zeros(0, dtype=np.int64)
         self.nonfinite_steps = 0
         self.total_steps = 0
@@ -332,6 +333,9 @@ class History:
         self._grad.append(step, record)
         self._scalars.append(step, np.array([total_norm, loss], dtype=np.float32))
         self._summary.add(step, record)
+        if math.isfinite(loss) and len(self._first_losses) < 10:
+            self._first_losses.append(float(loss))
+            self.context["initial_loss"] = float(np.median(self._first_losses))
         gtw = record[:, GRAD_METRICS.index("grad_to_weight")].astype(np.float64)
         higher = np.isfinite(gtw) & ~(gtw <= self._peak)  # NaN peaks are replaced by any finite value
         self._peak[higher] = gtw[higher]

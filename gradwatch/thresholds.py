@@ -48,6 +48,10 @@ class Thresholds:
             positions) for "never active" to mean dead rather than unlucky (0.5 ** 16 ~ 1.5e-5).
         saturated_frac: fraction of a sigmoid/tanh layer's outputs in the flat region: warning.
         saturated_critical_frac: ... critical.
+        learning_loss_drop: a recurrent layer's gradient decaying through time is only a finding
+            while the loss (when ``watcher.step(loss)`` provides it) has fallen less than this
+            fraction from the run's start: a model that learns its task is not blocked by forgetting
+            what the task does not need.
         amp_tolerated_nonfinite: unused since 0.1.0 (kept so old configurations load): with fp16
             loss scaling, non-finite gradients are a finding only while they occur in at least half
             of the latest four collected steps (calibration overflows are skipped steps).
@@ -74,6 +78,7 @@ class Thresholds:
     saturated_frac: float = 0.5
     saturated_critical_frac: float = 0.9
     amp_tolerated_nonfinite: float = 0.05
+    learning_loss_drop: float = 0.25
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -81,7 +86,7 @@ class Thresholds:
             if not isinstance(value, int | float) or isinstance(value, bool) or value != value or value < 0:
                 raise ValueError(f"Thresholds.{f.name} must be a non-negative number, got {value!r}")
         for name in ("persistence", "dead_frac", "dead_critical_frac", "saturated_frac", "saturated_critical_frac",
-                     "amp_tolerated_nonfinite", "min_rank_correlation"):
+                     "amp_tolerated_nonfinite", "min_rank_correlation", "learning_loss_drop"):
             if getattr(self, name) > 1:
                 raise ValueError(f"Thresholds.{name} is a fraction in [0, 1], got {getattr(self, name)!r}")
         if self.window < 1 or self.min_steps < 1:

@@ -131,7 +131,7 @@ def test_embeddings_and_norm_layers_are_not_compared_with_matrices() -> None:
 def test_vanishing_fixes_follow_the_cause() -> None:
     sat = [("a0", "sigmoid", False, 0.0, 0.1), ("a1", "sigmoid", True, 0.0, 0.99)]
     f = diagnose(view(decaying(10, 6.0), acts=sat)).by_kind("vanishing")[0]
-    assert f.fixes[0] == "swap_activation" and f.evidence["activations"] == ["a0"]
+    assert f.fixes[:2] == ("insert_batchnorm", "swap_activation") and f.evidence["activations"] == ["a0"]
     rnn = diagnose(view(decaying(6, 6.0), types=["RNN"] * 6)).by_kind("vanishing")[0]
     assert rnn.fixes[0] == "lstm_gru"
     tiny = diagnose(view(decaying(10, 6.0), weight_rms_he=0.05)).by_kind("vanishing")[0]
@@ -295,3 +295,15 @@ def test_loss_scale_calibration_overflows_are_not_a_finding_but_persistent_ones_
     assert "nonfinite" not in diagnose(v).kinds()
     v.grad[-3:, 1, M["nonfinite"]] = 5  # overflowing again and again: skipped steps, no training
     assert "nonfinite" in diagnose(v).kinds()
+
+
+def test_a_forgetting_rnn_that_learns_its_task_is_a_note_not_a_finding() -> None:
+    v = view([0.01] * 3, types=["RNN", "Linear", "Linear"], act_rms=[1.0] * 3)
+    v.signal[:, 0, 2] = 6.0  # the gradient reaching the first time steps is 1e-6 of the last
+    assert diagnose(v).by_kind("vanishing")[0].fixes == ("lstm_gru",)  # no loss known: reported
+    v.context["initial_loss"] = 0.69
+    v.loss = np.full(len(v.steps), 0.68)  # stuck at chance: reported
+    assert "vanishing" in diagnose(v).kinds()
+    v.loss = np.full(len(v.steps), 0.05)  # learnt the task: only a note
+    d = diagnose(v)
+    assert "vanishing" not in d.kinds() and any("loss fell" in n for n in d.notes)

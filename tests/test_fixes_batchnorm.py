@@ -83,7 +83,8 @@ def test_preserve_init_keeps_the_output_on_the_example_batch_in_train_and_eval()
         model[0].bias.fill_(2.0)
     x = torch.randn(64, 4)
     expected = model(x).detach()
-    report = apply_fixes(model, Diagnosis(findings=(_finding("0", "2"),)), example_input=x)
+    report = apply_fixes(model, Diagnosis(findings=(_finding("0", "2"),)), example_input=x,
+                         options={"insert_batchnorm": {"init": "preserve"}})
     assert "structure observed from example_input" in report.notes[0]
     assert "preserve" in report.changes[0].details["inits"]["0"]
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)  # training mode: batch statistics

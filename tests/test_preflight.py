@@ -30,7 +30,7 @@ def test_preflight_fixes_a_deep_sigmoid_mlp_before_training() -> None:
     batch = vector_task()(0)
     result = gradwatch.preflight(model, batch, F.cross_entropy)
     assert "vanishing" in result.diagnosis.kinds()
-    assert isinstance(model[1], nn.ReLU) and not isinstance(model[-1], nn.Sigmoid)
+    assert isinstance(model[0][1], nn.BatchNorm1d)  # a norm after the first Linear, inside a Sequential at "0"
     assert gradwatch.preflight(model, batch, F.cross_entropy, fix=False).diagnosis.healthy
 
 
@@ -38,7 +38,7 @@ def test_recommend_only_changes_nothing_and_gives_code() -> None:
     model = mlp(nn.Sigmoid, 10)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     result = gradwatch.preflight(model, vector_task()(0), F.cross_entropy, fix=False)
-    assert result.report.dry_run and "nn.ReLU()" in result.report.code
+    assert result.report.dry_run and "nn.BatchNorm1d(32)" in result.report.code
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert isinstance(model[1], nn.Sigmoid)
 

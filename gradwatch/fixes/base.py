@@ -29,7 +29,7 @@ from gradwatch.fixes import optim as optim_mod
 from gradwatch.fixes import paths
 from gradwatch.fixes.record import Change
 from gradwatch.fixes.topology import Topology
-from gradwatch.layers import ROOT_NAME, activation_kind, unwrap_model
+from gradwatch.layers import ROOT_NAME, activation_kind, named_modules, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ class FixContext:
         self.structure = dict(structure or {})
         self.optimizer = optimizer
         self.example_input = example_input
-        #: Modules as they were when the context was made, by original name.
-        self.modules: dict[str, nn.Module] = {(n or ROOT_NAME): m for n, m in self.model.named_modules()}
+        #: Modules as they were when the context was made, by original name (wrapper segments such as
+        #: ``_orig_mod`` left out, as layer names spell them; a wrapped module wins over its wrapper).
+        self.modules: dict[str, nn.Module] = {(n or ROOT_NAME): m for n, m in named_modules(self.model)}
         self.topology = Topology(self.modules, self.structure)
         self._paths: dict[str, str] = {n: n for n in self.modules}
         self._kind_override: dict[str, str | None] = {}
@@ -344,8 +345,12 @@ def _describe(module: nn.Module) -> str:
 
 
 def target_layers(finding: Finding) -> list[str]:
-    """The parameter layers a finding names: ``finding.layers`` for vanishing/exploding/nonfinite,
+    """The parameter layers a finding's fixes treat: ``evidence["fix_layers"]`` when the diagnosis
+    names the cause's layers (every under-/over-scaled layer, or the whole decaying chain up to the
+    output layer), else ``finding.layers`` for vanishing/exploding/nonfinite and
     ``evidence["feeding_layers"]`` for dead_units/saturation (whose ``layers`` are activations)."""
+    if finding.evidence.get("fix_layers"):
+        return [str(n) for n in finding.evidence["fix_layers"]]
     if finding.kind in ("dead_units", "saturation"):
         return [str(n) for n in finding.evidence.get("feeding_layers", ())]
     return list(finding.layers)
