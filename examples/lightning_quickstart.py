@@ -16,11 +16,11 @@ import argparse
 
 import lightning as L
 import torch
-from gradwatch.integrations.lightning import GradWatchCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradwatch import models
+from gradwatch.integrations.lightning import GradWatchCallback
 
 
 class ReferenceModule(L.LightningModule):

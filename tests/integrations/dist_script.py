@@ -14,12 +14,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from gradwatch.integrations.lightning import GradientHealthError, GradWatchCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lit_models import TRAINER_DEFAULTS, LitMLP, LitShardedMLP, LitTensorParallelMLP
 
 from gradwatch.findings import Diagnosis
+from gradwatch.integrations.lightning import GradientHealthError, GradWatchCallback
 
 
 class _FailsOnRankOne(GradWatchCallback):

@@ -12,12 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from gradwatch.integrations.lightning import GradientHealthError, GradWatchCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lit_models import TRAINER_DEFAULTS, LitMLP, LitTwoOptimizers
 from torch import nn
+
+from gradwatch.integrations.lightning import GradientHealthError, GradWatchCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 
