@@ -123,7 +123,7 @@ def train(
             watcher.step(loss)
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
