@@ -154,24 +154,32 @@ class ForwardOrderRecorder:
 
     Attach before a forward pass; the hooks remove themselves when the model's forward returns,
     so at most one forward pays for them. ``order`` lists qualified names in execution order,
-    ``output_shapes`` the shape of each module's (first tensor) output.
+    ``output_shapes`` the shape of each module's (first tensor) output, ``calls`` how many times
+    each module ran in that pass (a module shared by several positions runs more than once).
+    A wrapper (``torch.compile``, FSDP, activation checkpointing) and the module it wraps share a
+    name; a call through the wrapper counts once.
     """
 
     def __init__(self, model: nn.Module, on_done: Callable[[ForwardOrderRecorder], None] | None = None):
         self.order: list[str] = []
         self.output_shapes: dict[str, tuple[int, ...]] = {}
         self.input_shapes: dict[str, tuple[int, ...]] = {}
+        self.calls: dict[str, int] = {}
         self.done = False
         self._on_done = on_done
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        outermost: dict[str, nn.Module] = {}
         for name, module in named_modules(model):
             if module is model:
                 continue
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+            counts = outermost.setdefault(name, module) is module  # the wrapper is listed before what it wraps
+            self._handles.append(module.register_forward_hook(self._make_hook(name, counts)))
         self._handles.append(model.register_forward_hook(self._root_done))
 
-    def _make_hook(self, name: str) -> Callable:
+    def _make_hook(self, name: str, counts: bool = True) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if counts:
+                self.calls[name] = self.calls.get(name, 0) + 1
             if name not in self.output_shapes:
                 self.order.append(name)
                 self.output_shapes[name] = _shape_of(output)
@@ -180,6 +188,7 @@ class ForwardOrderRecorder:
         return hook
 
     def _root_done(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.calls[ROOT_NAME] = self.calls.get(ROOT_NAME, 0) + 1
         self.order.append(ROOT_NAME)
         self.output_shapes[ROOT_NAME] = _shape_of(output)
         self.input_shapes[ROOT_NAME] = _shape_of(args)
@@ -239,6 +248,7 @@ def structure_from_recorder(model: nn.Module, recorder: ForwardOrderRecorder) ->
         "output_shapes": {k: list(v) for k, v in recorder.output_shapes.items()},
         "types": types,
         "activations": activations,
+        "calls": dict(recorder.calls),
     }
 
 
@@ -248,8 +258,10 @@ def observe_structure(model: nn.Module, *example_args: object, **example_kwargs:
     train/eval flag restored) and describe what ran, in order.
 
     Returns the same plain-data dict the watcher records on its first step
-    (``Diagnosis.structure``): execution order, input/output shapes, class names, and for each
-    activation module the parameter layer that ran just before it.
+    (``Diagnosis.structure``): execution order, input/output shapes, class names, for each
+    activation module the parameter layer that ran just before it, and ``"calls"``: how many
+    times each module ran in the pass (fixes refuse to swap or wrap a module that runs more
+    than once: it is shared by several positions).
     """
     recorder = ForwardOrderRecorder(model)
     modes = {m: m.training for m in model.modules()}

@@ -12,7 +12,7 @@ import keyword
 
 from torch import nn
 
-from gradwatch.layers import ROOT_NAME
+from gradwatch.layers import ROOT_NAME, WRAPPER_SEGMENTS
 
 #: The variable name code snippets use for the user's model.
 MODEL_VAR = "model"
@@ -24,8 +24,38 @@ def _parts(path: str) -> list[str]:
     return path.split(".")
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module behind ``torch.compile`` / FSDP / activation-checkpointing wrappers (``module`` itself if
+    it is not a wrapper): layer names leave the wrapper segments out (see ``gradwatch.layers.clean_name``)."""
+    for _ in range(8):
+        inner = next((module._modules[seg] for seg in WRAPPER_SEGMENTS if module._modules.get(seg) is not None), None)
+        if inner is None:
+            break
+        module = inner
+    return module
+
+
+def _wrapper_segments(module: nn.Module, part: str) -> list[str]:
+    """The wrapper segments between ``module`` and its child ``part`` (empty when ``part`` is a direct child)."""
+    segments: list[str] = []
+    for _ in range(8):
+        if part in module._modules:
+            return segments
+        seg = next((seg for seg in WRAPPER_SEGMENTS if module._modules.get(seg) is not None), None)
+        if seg is None:
+            return segments
+        segments.append(seg)
+        module = module._modules[seg]  # type: ignore[assignment]
+    return segments
+
+
 def get_module(model: nn.Module, path: str) -> nn.Module:
     """The submodule at ``path`` (``""`` or ``"(root)"`` is the model itself).
+
+    Wrappers are looked through: ``"body.0"`` finds the first child of a ``torch.compile``d
+    ``body`` (``body._orig_mod.0``), as layer names spell it; the spelling with the wrapper
+    segment works too. A path that ends at a wrapper gives the module it wraps (the one that
+    holds the children); :func:`set_module` at such a path replaces the wrapper with it.
 
     Raises:
         LookupError: naming the missing component and the children that do exist there.
@@ -33,18 +63,20 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     module = model
     walked: list[str] = []
     for part in _parts(path):
-        children = module._modules
-        child = children.get(part)
+        child = module._modules.get(part)
+        if child is None:
+            module = unwrapped(module)
+            child = module._modules.get(part)
         if child is None:
             where = ".".join(walked) or ROOT_NAME
-            known = list(children)[:20]
+            known = list(module._modules)[:20]
             raise LookupError(
                 f"no submodule {path!r} in {type(model).__name__}: {where!r} "
                 f"({type(module).__name__}) has no child {part!r}; its children are {known}"
             )
         module = child
         walked.append(part)
-    return module
+    return unwrapped(module)
 
 
 def has_module(model: nn.Module, path: str) -> bool:
@@ -66,14 +98,18 @@ def parent_path(path: str) -> tuple[str, str]:
 def set_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
     """Replace the submodule at ``path`` on its parent, in place, keeping its name and position.
 
+    The parent is the module that holds the child (behind its wrappers, if any); a wrapper at
+    ``path`` itself is replaced together with what it wraps.
+
     Returns:
         The module that was there before.
     """
     parent_name, key = parent_path(path)
     parent = get_module(model, parent_name)
-    old = get_module(model, path)
+    get_module(model, path)  # LookupError naming what is missing
+    old = parent._modules[key]
     parent.register_module(key, new)
-    return old
+    return old  # type: ignore[return-value]
 
 
 def expr(path: str, model: nn.Module | None = None) -> str:
@@ -89,6 +125,10 @@ def expr(path: str, model: nn.Module | None = None) -> str:
     module: nn.Module | None = model
     parts = _parts(path)
     for i, part in enumerate(parts):
+        if module is not None:  # names leave wrappers out; Python must go through them
+            for seg in _wrapper_segments(module, part):
+                out += f".{seg}"
+                module = module._modules[seg]
         exists = module is not None and part in module._modules
         child = module._modules[part] if exists else None
         if part.isdigit() and (not exists or isinstance(module, nn.Sequential | nn.ModuleList)):
