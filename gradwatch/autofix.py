@@ -128,7 +128,7 @@ class AutoFixer:
         from gradwatch.fixes import apply_fixes, snapshot
 
         w = self.watcher
-        diag = w.diagnose(w.thresholds.updated(window=self.probe_steps))
+        diag = self.agree(w.diagnose(w.thresholds.updated(window=self.probe_steps)))
         structural_or_init = tuple(f for f in self.allowed if f != "clip_gradients")
         if diag.healthy or not structural_or_init:
             self.state = "done"
@@ -150,6 +150,7 @@ class AutoFixer:
         w.relayer()
         self._applied_at = w.collected + 1
         self.state = "verifying"
+        self.model_changed(step, "applied", report)
         self._event(step, "applied", "; ".join(c.summary() for c in report.applied), report,
                     {"loss_before": self._before_loss, "severity_before": self._before_score})
 
@@ -165,9 +166,11 @@ class AutoFixer:
         evidence = {"loss_before": self._before_loss, "loss_after": after_loss,
                     "severity_before": self._before_score, "severity_after": after_score,
                     "silent_layers_before": self._before_silent, "silent_layers_after": after_silent}
+        loss_worse, flow_worse, evidence = self.agree((loss_worse, flow_worse, evidence))
         if loss_worse or flow_worse:
             self._snapshot.restore()
             w.relayer()
+            self.model_changed(step, "rolled_back")
             why = "the loss got worse" if loss_worse else "the gradient flow got worse"
             self._event(step, "rolled_back", f"{why}; model and optimizer restored to the snapshot", evidence=evidence)
         else:
@@ -181,7 +184,7 @@ class AutoFixer:
         w = self.watcher
         if w.optimizer is None:
             return
-        diag = w.diagnose()
+        diag = self.agree(w.diagnose())
         if not ({"exploding", "nonfinite"} & diag.kinds()):
             return
         report = apply_fixes(w.model, diag, optimizer=w.optimizer, only=["clip_gradients"], options=self.options)
@@ -190,6 +193,17 @@ class AutoFixer:
             for clipper in report.clippers:
                 w.add_step_callback(lambda watcher, s, c=clipper: watcher.set_scalar("clip_threshold", c.threshold))
             self._event(step, "clipping", "; ".join(c.summary() for c in report.applied), report)
+
+    # -- seams for training frameworks -----------------------------------------------------------
+    def agree(self, value: Any) -> Any:
+        """The value every process decides on. One process: ``value`` itself; an integration running
+        several processes overrides this to return rank zero's (a broadcast), so that all ranks take
+        the same decision at the same step (the diagnosis, the verification verdict)."""
+        return value
+
+    def model_changed(self, step: int, action: str, report: Any = None) -> None:
+        """Called after the fixer changed the model and optimizer: ``action`` is ``"applied"`` (with the
+        report) or ``"rolled_back"``. Integrations override it (schedulers, other ranks); default: nothing."""
 
     def _event(self, step: int, action: str, detail: str, report: Any = None, evidence: dict[str, Any] | None = None) -> None:
         event = AutoFixEvent(step=step, action=action, detail=detail, report=report, evidence=evidence or {})
