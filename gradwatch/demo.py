@@ -222,8 +222,8 @@ def check(result: CaseResult) -> list[str]:
         before, after = result.before.final_loss, result.after.final_loss
         if not (after <= 0.5 * before):
             failures.append(
-                f"the fixes {result.fixes_applied} did not halve the final loss: {_loss(before)} -> {_loss(after)} "
-                f"(ratio {_ratio(after / before if before else math.nan)}) after {result.steps} steps"
+                f"the fixes {result.fixes_applied} did not halve the final loss: {format_loss(before)} -> {format_loss(after)} "
+                f"(ratio {format_ratio(after / before if before else math.nan)}) after {result.steps} steps"
             )
     return failures
 
@@ -280,11 +280,13 @@ def run_case(
 # Formatting
 
 
-def _loss(x: float) -> str:
+def format_loss(x: float) -> str:
+    """A loss for the table: 3 significant digits, ``-`` when not finite."""
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
-def _ratio(x: float) -> str:
+def format_ratio(x: float) -> str:
+    """A ratio for the table: ``0.16``, ``4.1e-09``; ``-`` when not finite."""
     if x is None or not math.isfinite(x):
         return "-"
     if x == 0:
@@ -316,8 +318,8 @@ def table_rows(results: Sequence[CaseResult]) -> list[dict[str, str]]:
             "case": r.name,
             "gradwatch reported": describe(r.before.diagnosis),
             "fixes applied": _fixes_cell(r),
-            "loss before -> after": f"{_loss(r.before.final_loss)} -> {_loss(after.final_loss) if after else '-'}",
-            "grad ratio before -> after": f"{_ratio(r.before.grad_ratio)} -> {_ratio(after.grad_ratio) if after else '-'}",
+            "loss before -> after": f"{format_loss(r.before.final_loss)} -> {format_loss(after.final_loss) if after else '-'}",
+            "grad ratio before -> after": f"{format_ratio(r.before.grad_ratio)} -> {format_ratio(after.grad_ratio) if after else '-'}",
             "after the fixes": describe(after.diagnosis) if after else "-",
             "time": f"{r.before.seconds + (after.seconds if after else 0.0):.1f}s",
             "ok": "yes" if r.ok else "NO",
@@ -432,9 +434,9 @@ def _print_case(console: _Console, result: CaseResult) -> None:
             console.print(f"  {change.summary()}", style="green" if change.applied else None)
     if result.after is not None:
         console.print(
-            f"loss {_loss(result.before.final_loss)} -> {_loss(result.after.final_loss)} "
-            f"(x{_ratio(result.loss_ratio)}), first/last gradient {_ratio(result.before.grad_ratio)} -> "
-            f"{_ratio(result.after.grad_ratio)}; after the fixes: {describe(result.after.diagnosis)}"
+            f"loss {format_loss(result.before.final_loss)} -> {format_loss(result.after.final_loss)} "
+            f"(x{format_ratio(result.loss_ratio)}), first/last gradient {format_ratio(result.before.grad_ratio)} -> "
+            f"{format_ratio(result.after.grad_ratio)}; after the fixes: {describe(result.after.diagnosis)}"
         )
     for note in result.notes:
         console.print(f"note: {note}", style="yellow")
