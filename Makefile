@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py $(ARGS)
+	$(BIN)/gradwatch demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest $(ARGS)
