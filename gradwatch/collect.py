@@ -428,38 +428,46 @@ class GradientCollector:
                 rows[_MAX] = np.maximum(rows[_MAX], a[_MAX])
         nonfinite = np.zeros(n)
         present = rows[_NUMEL] > 0
-        check = rows[_SUMSQ] + rows[_MAX] + (rows[_L1] if slow else 0.0)
-        bad = np.flatnonzero(present & ~np.isfinite(check)).tolist()
-        if any(t.dtype != torch.float64 for t in host):
+        everywhere = bool(present.all())
+        sumsq, mx = rows[_SUMSQ], rows[_MAX]
+        # the common case costs a few whole-array reductions; per-layer masks only when something is off
+        bad: list[int] = []
+        if not math.isfinite(float(sumsq.sum() + mx.sum() + (rows[_L1].sum() if slow else 0.0))):
+            check = sumsq + mx + (rows[_L1] if slow else 0.0)
+            bad = np.flatnonzero(present & ~np.isfinite(check)).tolist()
+        if any(t.dtype != torch.float64 for t in host) and float(np.min(sumsq, initial=np.inf)) < _TINY_SUMSQ:
             # a float32 sum of squares below 2**-100 has lost precision (the squares of |g| < 1e-19 are
             # subnormal, of |g| < 1e-23 zero): a layer of tiny non-zero gradients would read as "no
             # gradient" (grad_norm 0) exactly when gradients vanish; recompute those layers in float64
-            tiny = np.flatnonzero(present & (rows[_MAX] > 0) & (rows[_SUMSQ] < _TINY_SUMSQ)).tolist()
+            tiny = np.flatnonzero(present & (mx > 0) & (sumsq < _TINY_SUMSQ)).tolist()
             bad = sorted(set(bad).union(tiny)) if tiny else bad
         if bad:
             self._repair(rows, nonfinite, bad, slow)
         values = np.full((n, len(GRAD_METRICS)), np.nan)
-        numel = np.maximum(rows[_NUMEL], 1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            norm = np.sqrt(rows[_SUMSQ])
-            values[:, G["grad_norm"]] = np.where(present, norm, np.nan)
-            values[:, G["grad_max_abs"]] = np.where(present, rows[_MAX], np.nan)
-            values[:, G["nonfinite"]] = np.where(present, nonfinite, np.nan)
+            norm = np.sqrt(sumsq)
+            values[:, G["grad_norm"]] = norm
+            values[:, G["grad_max_abs"]] = mx
+            values[:, G["nonfinite"]] = nonfinite
             if slow:
-                values[:, G["grad_mean_abs"]] = np.where(present, rows[_L1] / numel, np.nan)
-                values[:, G["grad_zero_frac"]] = np.where(present, rows[_ZEROS] / numel, np.nan)
+                numel = np.maximum(rows[_NUMEL], 1)
+                values[:, G["grad_mean_abs"]] = rows[_L1] / numel
+                values[:, G["grad_zero_frac"]] = rows[_ZEROS] / numel
                 wnorm = np.sqrt(rows[_WSUMSQ])
-                self._last_weight_norm = np.where(present, wnorm, self._last_weight_norm)
-                values[:, G["weight_norm"]] = np.where(present, wnorm, np.nan)
+                self._last_weight_norm = wnorm if everywhere else np.where(present, wnorm, self._last_weight_norm)
+                values[:, G["weight_norm"]] = wnorm
             if self._had_snapshot:
                 snap = rows[_SNAPSQ]
-                values[:, G["update_ratio"]] = np.where(snap > 0, np.sqrt(rows[_DSQ] / np.where(snap > 0, snap, 1)), np.nan)
+                values[:, G["update_ratio"]] = np.sqrt(rows[_DSQ] / snap)  # 0/0 -> NaN
+                values[snap <= 0, G["update_ratio"]] = np.nan
             w = self._last_weight_norm
-            ratio = np.where(w > 0, norm / np.where(w > 0, w, 1), np.nan)
-            values[:, G["grad_to_weight"]] = np.where(present, ratio, np.nan)
-        total = float(np.sqrt(rows[_SUMSQ][present].sum())) if present.any() else math.nan
+            values[:, G["grad_to_weight"]] = norm / w
+            values[~(w > 0), G["grad_to_weight"]] = np.nan
+        if not everywhere:
+            values[~present] = np.nan  # no gradient: not measured (update_ratio is NaN there anyway)
+        total = float(np.sqrt(sumsq[present].sum() if not everywhere else sumsq.sum())) if present.any() else math.nan
         return StepStats(values=torch.from_numpy(values), total_norm=total,
-                         nonfinite_layers=np.flatnonzero(nonfinite).tolist())
+                         nonfinite_layers=np.flatnonzero(nonfinite).tolist() if bad else [])
 
     def _repair(self, rows: np.ndarray, nonfinite: np.ndarray, bad: list[int], slow: bool) -> None:
         """Slow path for layers whose reductions are non-finite: count, then recompute over finite values."""
