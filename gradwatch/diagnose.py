@@ -100,6 +100,7 @@ def depth_decay(logs: np.ndarray, min_layers: int) -> tuple[float, float, np.nda
         projection, is one jump, not a decay), so no finding hinges on a single layer.
     """
     idx = np.flatnonzero(np.isfinite(logs))
+    min_layers = max(1, min_layers)  # Thresholds allows 0; comparing needs at least one layer with data
     if len(idx) < min_layers:
         return None
     vals = logs[idx]
