@@ -8,7 +8,8 @@ apply the recommended fixes with ``apply_fixes`` to the model rebuilt from the s
 the same steps) and prints a Markdown table: the problem, what gradwatch reported, the fixes
 applied, and the final loss and first/last-layer gradient ratio before and after. It also writes the
 gradient-flow figure (``gradwatch.figure``) of the deep sigmoid MLP before and after its fix,
-``gradient_flow_before.png`` and ``gradient_flow_after.png``, on a shared y axis.
+``gradient_flow_before.png`` and ``gradient_flow_after.png`` (per-layer medians of mean and max
+|gradient| over the diagnosis window, input to output).
 
 Exit status 1 when a case did not behave (see ``gradwatch demo``): the table is printed anyway,
 with the failure below it, so that no number is pasted into the README without its caveat.
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gradwatch import demo, models
+from gradwatch import demo
 from gradwatch.figure import figure_from_diagnosis, save_figure
 
 #: Short labels of the problems; a case not listed is labelled by its name.
@@ -48,8 +49,11 @@ def reported(result: demo.CaseResult) -> str:
     parts = []
     for f in diagnosis.findings:
         cause = f.evidence.get("cause")
-        if not cause:
-            cause = f.message.split(": ", 1)[-1].split(", so ")[0].rstrip(".")
+        if not cause:  # the message's first clause: "Dead units: up to 80% of ..., so ..." -> "up to 80% of ..."
+            head, _, rest = f.message.partition(": ")
+            cause = (rest or head).split("; ")[0].split(", so ")[0].rstrip(".")
+            if "through time" in head:
+                cause = f"through time, {cause}"
         parts.append(f"**{f.kind}** ({f.severity}): {cause}")
     return "; ".join(parts).replace("|", "\\|")
 
@@ -75,21 +79,18 @@ def markdown(results: Sequence[demo.CaseResult], steps_note: str) -> str:
 
 
 def write_figures(result: demo.CaseResult, folder: str) -> list[str]:
-    """``gradient_flow_before.png`` / ``gradient_flow_after.png`` of one case, on a shared y axis."""
+    """``gradient_flow_before.png`` / ``gradient_flow_after.png`` of one case (window medians per layer)."""
     runs = [("before", result.before)] + ([("after", result.after)] if result.after else [])
-    figures = []
-    for phase, run in runs:
-        title = f"{result.name}, {phase} the fix{'es' if len(result.fixes_applied) > 1 else ''}: {demo.describe(run.diagnosis)}"
-        if phase == "after":
-            title += f" ({' + '.join(result.fixes_applied)})"
-        figures.append((phase, figure_from_diagnosis(run.diagnosis, title=title)))
-    lows, highs = zip(*(fig.axes[0].get_ylim() for _, fig in figures), strict=True)
     os.makedirs(folder, exist_ok=True)
     paths = []
-    for phase, fig in figures:
-        fig.axes[0].set_ylim(min(lows), max(highs))
+    for phase, run in runs:
+        steps = f"{result.steps} steps"
+        if phase == "before":
+            title = f"{result.name} before the fix, {steps}: {demo.describe(run.diagnosis)}"
+        else:
+            title = f"{result.name} after {' + '.join(result.fixes_applied)}, {steps}: {demo.describe(run.diagnosis)}"
         path = os.path.join(folder, f"gradient_flow_{phase}.png")
-        save_figure(fig, path)
+        save_figure(figure_from_diagnosis(run.diagnosis, title=title), path)
         paths.append(path)
     return paths
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)                  # tiny models: one thread is fastest
 
-    names = args.model or [n for n in models.list_models() if models.create(n).problem is not None]
+    names = args.model or demo.problem_cases()
     results = []
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)

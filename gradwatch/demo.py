@@ -53,6 +53,12 @@ EXIT_OK, EXIT_MISBEHAVED, EXIT_USAGE = 0, 1, 2
 #: Default TensorBoard root of the demo (one run per case and phase below it).
 DEFAULT_LOGDIR = os.path.join("runs", "gradwatch-demo")
 
+#: The order the problem cases are shown in (the issue's list); cases not named here follow, sorted.
+CASE_ORDER: tuple[str, ...] = (
+    "sigmoid_mlp", "tanh_tiny_init", "plain_cnn", "vanilla_rnn", "exploding_rnn", "overscaled_relu_mlp",
+    "dead_relu_mlp", "saturated_sigmoid",
+)
+
 #: ``--quick``: the cases that train in a few seconds on one core (the MLPs).
 QUICK_CASES: tuple[str, ...] = (
     "sigmoid_mlp", "tanh_tiny_init", "overscaled_relu_mlp", "dead_relu_mlp", "saturated_sigmoid",
@@ -129,6 +135,13 @@ class CaseResult:
 
 # ----------------------------------------------------------------------------------------------
 # Training and checking
+
+
+def problem_cases() -> list[str]:
+    """Registered cases that show a problem, in :data:`CASE_ORDER` (then the others, sorted)."""
+    names = [n for n in models.list_models() if models.create(n).problem is not None]
+    rank = {n: i for i, n in enumerate(CASE_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
 def first_last_ratio(diagnosis: Diagnosis) -> float:
@@ -486,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.quick:
         names = [n for n in QUICK_CASES if n in available]
     else:
-        names = [n for n in available if models.create(n).problem is not None]
+        names = problem_cases()
     if args.steps is not None and args.steps < 1:
         print(f"gradwatch demo: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return EXIT_USAGE
