@@ -540,8 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for failure in r.failures:
                 console.print(f"  {r.name}: {failure}", style="red")
         return EXIT_MISBEHAVED
-    console.print(f"all {len(results)} case(s) behaved: gradwatch found each problem and its fixes cured it.",
-                  style="bold green")
+    said = []
+    if any(r.problem is not None for r in results):
+        said.append("gradwatch found each problem and its recommended fixes at least halved the loss")
+    if any(r.problem is None for r in results):
+        said.append("the healthy model(s) were reported healthy")
+    console.print(f"all {len(results)} case(s) behaved: {'; '.join(said)}.", style="bold green")
     return EXIT_OK
 
 
