@@ -528,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps_note = f"{args.steps} steps each" if args.steps else "each case's default steps"
     console.table(table_rows(results), title=f"gradwatch demo: before / after the recommended fixes ({steps_note}, seed {args.seed})")
     console.print("loss = mean of the last 10 training losses; grad ratio = first layer's gradient norm / last layer's "
-                  "(medians over the diagnosis window); loss ratio = after / before.")
+                  "(medians over the diagnosis window); time = both runs, training and watching.")
     console.print(f"total time {elapsed:.1f}s")
     if logdir is not None:
         console.print("TensorBoard logs: see the gradient flow before and after with")
