@@ -9,9 +9,12 @@ callback over the framework-free :class:`gradwatch.GradWatcher`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import os
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +27,9 @@ from typing_extensions import override
 from gradwatch.activations import ACT_METRICS
 from gradwatch.collect import GRAD_METRICS, reduce_sharded_rows, scale_rows
 from gradwatch.findings import FINDING_KINDS, FIX_NAMES, Diagnosis
+from gradwatch.fixes import apply_fixes
+from gradwatch.integrations import lightning_fixes as _fixes
+from gradwatch.preflight import PREFLIGHT_FIXES, PreflightResult, probe, split_batch
 from gradwatch.sinks import Sink, StepRecord
 from gradwatch.thresholds import Thresholds
 from gradwatch.watcher import GradWatcher
@@ -102,6 +108,52 @@ class GradWatchCallback(Callback):
     - ``torch.compile``: layer names carry no ``_orig_mod.``; activation statistics are turned off
       with one notice, because forward hooks would break the compiled graph into pieces.
 
+    Fixes (``preflight=`` before training, ``auto_fix=`` during it; the default only recommends):
+
+    - ``preflight``: in ``setup()`` - before the strategy wraps the model and before
+      ``configure_optimizers`` - :func:`gradwatch.preflight`'s probe runs ``preflight_steps``
+      forward/backward passes on one training batch (no optimizer step; the model is restored bit
+      for bit), diagnoses them and applies the allowed fixes. The batch is ``preflight_batch``, else
+      the first batch of the training dataloader (the datamodule's ``train_dataloader()``, else the
+      LightningModule's, else the dataloaders given to ``trainer.fit``), passed through the module's
+      batch-transfer hooks. The loss is ``loss_fn(pl_module(inputs), target)`` on an ``(inputs,
+      target)`` batch if ``loss_fn`` is given, else what ``training_step(batch, 0)`` returns (its
+      ``self.log`` calls are ignored during the probe; manual optimization needs ``loss_fn``). The
+      optimizer is then built over the fixed model: nothing to roll back, nothing to resume. With
+      several processes, rank zero draws the batch, probes and decides; every rank applies the
+      same fixes (checked) and rank zero's new weights are broadcast. The model must have its
+      layers in ``setup()`` (not only from ``configure_model``).
+    - ``auto_fix``: during training, after ``auto_fix_probe_steps`` collected steps the allowed fixes
+      of the confirmed findings are applied once, verified over ``auto_fix_verify_steps`` and rolled
+      back if things got worse (:mod:`gradwatch.autofix`). New parameters join
+      ``trainer.optimizers[0]`` as new groups (``add_param_group``: the other parameters keep their
+      state) and every LR scheduler of that optimizer gets per-group values for them (``base_lrs``,
+      ``lr_lambdas``...). A rollback removes them again; the learning-rate schedule keeps its current
+      values. Clipping (``clip_gradients``) drives the Trainer's own clipping:
+      ``trainer.gradient_clip_val`` with ``gradient_clip_algorithm="norm"`` (Lightning clips right
+      after ``on_before_optimizer_step``, so the statistics are those before clipping); its threshold
+      is logged as ``clip_threshold``, it is kept in this callback's state and set again on resume
+      unless the new Trainer clips by itself. A Trainer that already clips is left alone.
+    - Several processes (DDP): every decision (the diagnosis acted on, the verification verdict,
+      clipping) is rank zero's, broadcast to all ranks at the same step; re-initialised weights are
+      broadcast from rank zero. Structural fixes mid-run (``insert_batchnorm``, ``residual``,
+      ``swap_activation``, ``lstm_gru``) are refused there, with one warning: the DDP wrapper
+      registers the parameters it synchronises when it is built, and rebuilding it from inside an
+      optimizer step cannot be made safe. Apply them with ``preflight`` instead. Sharded strategies
+      (FSDP, ``ModelParallelStrategy``, DeepSpeed) also refuse ``he_init`` and ``clip_gradients``
+      mid-run. Recommendations are unaffected.
+    - Checkpoints: the records of the fixes in effect (``FixReport.to_dict()``, see
+      ``fix_records``), the auto-fixer's state, the clipping and the optimizer's group layout are
+      saved in this callback's state. When Lightning loads a checkpoint (``fit``/``validate``/
+      ``test``/``predict`` with ``ckpt_path``), its structural changes are replayed on the fresh
+      LightningModule right before the weights are loaded strictly - from a ``load_state_dict``
+      pre-hook registered in ``setup()``, because ``trainer.ckpt_path`` is only set by then - once
+      per model instance; a preflight run in this ``setup()`` is undone first (the checkpoint
+      decides). In ``on_fit_start`` the optimizer built by ``configure_optimizers`` is regrouped as
+      saved before its state is loaded. Strategies that load weights after wrapping (FSDP,
+      DeepSpeed) need ``trainer.ckpt_path = path`` set before ``trainer.fit(model)`` so the replay can
+      happen in ``setup()``. For inference: :func:`replay_checkpoint`.
+
     Args:
         every_n_steps: collect every n-th optimizer step. Default: ``1``.
         log_every_n_steps: send per-layer scalars to non-TensorBoard loggers (``log_metrics``) on every
@@ -125,8 +177,21 @@ class GradWatchCallback(Callback):
             computed. Default: ``()``.
         optimizers: ``None`` (every optimizer's steps) or indices into ``trainer.optimizers`` whose
             steps are collected. Default: ``None``.
-        auto_fix: passed to the watcher's auto-fixer (with ``trainer.optimizers[0]``): ``False``
-            (recommend only), ``True`` or fix names; see ``auto_fix_events``. Default: ``False``.
+        auto_fix: fixes the auto-fixer may apply during training (to ``trainer.optimizers[0]``): ``False``
+            (recommend only), ``True`` (all) or fix names; see "Fixes" above and ``auto_fix_events``.
+            Default: ``False``.
+        auto_fix_probe_steps: collected steps observed before the auto-fixer decides. Default: ``50``.
+        auto_fix_verify_steps: collected steps trained after a fix before it is judged. Default: ``50``.
+        preflight: fix before training: ``False``, ``True`` (``gradwatch.preflight.PREFLIGHT_FIXES``:
+            the fixes that change the model) or fix names. Default: ``False``.
+        preflight_batch: the preflight batch, as ``training_step`` receives it (before the
+            batch-transfer hooks). Default: ``None`` (the first batch of the training dataloader).
+        loss_fn: the preflight loss, ``loss_fn(pl_module(inputs), target)`` on an ``(inputs, target)``
+            batch. Default: ``None`` (the loss ``training_step(batch, 0)`` returns).
+        preflight_steps: forward/backward passes of the preflight probe. Default: ``6``.
+        fix_options: per-fix options for preflight and auto-fix, e.g.
+            ``{"swap_activation": {"to": "leaky_relu"}, "clip_gradients": {"max_norm": 0.5}}``.
+            Default: ``None``.
         verbose: print the diagnosis at epoch ends (when it changed) and at the end of ``fit``.
             Default: ``True``.
         on_error: ``"detach"`` (log one error, stop watching, training goes on) or ``"raise"``.
@@ -134,7 +199,8 @@ class GradWatchCallback(Callback):
 
     Raises:
         ValueError: an argument is out of range or names an unknown metric, finding kind or fix.
-        TypeError: ``thresholds`` is not a :class:`gradwatch.Thresholds`.
+        TypeError: ``thresholds`` is not a :class:`gradwatch.Thresholds`, ``loss_fn`` is not callable,
+            ``fix_options`` is not a dict of dicts.
 
     Example::
 
@@ -146,6 +212,10 @@ class GradWatchCallback(Callback):
         >>> trainer.fit(model)  # doctest: +SKIP
         >>> print(gradwatch_cb.diagnosis)  # doctest: +SKIP
         >>> df = gradwatch_cb.to_dataframe()  # doctest: +SKIP
+        >>> # fix a model before training, and let the auto-fixer clip if gradients explode:
+        >>> fixing = GradWatchCallback(preflight=True, auto_fix=("clip_gradients",))
+        >>> Trainer(callbacks=[fixing]).fit(model)  # doctest: +SKIP
+        >>> print(fixing.preflight_result)  # doctest: +SKIP
 
     """
 
@@ -165,6 +235,13 @@ class GradWatchCallback(Callback):
         fail_on: str | Iterable[str] = (),
         optimizers: int | Iterable[int] | None = None,
         auto_fix: bool | Iterable[str] = False,
+        auto_fix_probe_steps: int = 50,
+        auto_fix_verify_steps: int = 50,
+        preflight: bool | Iterable[str] = False,
+        preflight_batch: Any = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        preflight_steps: int = 6,
+        fix_options: dict[str, dict[str, Any]] | None = None,
         verbose: bool = True,
         on_error: str = "detach",
     ) -> None:
@@ -185,6 +262,18 @@ class GradWatchCallback(Callback):
         self.fail_on = _names("fail_on", fail_on, FINDING_KINDS)
         self.optimizers = _indices(optimizers)
         self.auto_fix: bool | tuple[str, ...] = auto_fix if isinstance(auto_fix, bool) else _names("auto_fix", auto_fix, FIX_NAMES)
+        self.auto_fix_probe_steps = _positive_int("auto_fix_probe_steps", auto_fix_probe_steps)
+        self.auto_fix_verify_steps = _positive_int("auto_fix_verify_steps", auto_fix_verify_steps)
+        if isinstance(preflight, bool):
+            self.preflight: tuple[str, ...] = PREFLIGHT_FIXES if preflight else ()
+        else:
+            self.preflight = _names("preflight", preflight, FIX_NAMES)
+        self.preflight_batch = preflight_batch
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"GradWatchCallback: loss_fn must be callable as loss_fn(output, target), got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.preflight_steps = _positive_int("preflight_steps", preflight_steps)
+        self.fix_options = _fix_options(fix_options)
         if on_error not in ("detach", "raise"):
             raise ValueError(f"GradWatchCallback: on_error must be 'detach' or 'raise', got {on_error!r}")
         self.on_error = on_error
@@ -200,6 +289,18 @@ class GradWatchCallback(Callback):
         self._loss: torch.Tensor | None = None
         self._seen_nonfinite = 0
         self._unscale: _Unscaler | None = None
+        #: What preflight found and did in the last ``setup()`` (``None`` without ``preflight``).
+        self.preflight_result: PreflightResult | None = None
+        #: Structural ops replayed from the checkpoint being loaded (see "Fixes" above).
+        self.replayed: list[dict[str, Any]] = []
+        self._records: list[dict[str, Any]] = []
+        self._clipping: _fixes.TrainerClipping | None = None
+        self._tree: _fixes.TreeSnapshot | None = None  # the model before this setup's preflight
+        self._preflight_record: dict[str, Any] | None = None
+        self._load_hook: Any = None
+        self._trainer_ref: Callable[[], Trainer | None] = lambda: None
+        self._module_ref: Callable[[], LightningModule | None] = lambda: None
+        self._pre_groups: list[dict[str, Any]] | None = None
 
     @property
     @override
@@ -212,6 +313,20 @@ class GradWatchCallback(Callback):
         """What the auto-fixer did (``gradwatch.autofix.AutoFixEvent`` records); empty without ``auto_fix``."""
         fixer = getattr(self.watcher, "autofixer", None)
         return list(getattr(fixer, "events", []))
+
+    @property
+    def fix_records(self) -> list[dict[str, Any]]:
+        """The fixes in effect on the model, oldest first, as saved in checkpoints: plain dicts
+        ``{"id", "source": "preflight" | "auto_fix", "step", "report": FixReport.to_dict()}``.
+
+        ``gradwatch.fixes.replay(fresh_model, record["report"])`` rebuilds a record's structural changes.
+        """
+        return copy.deepcopy(self._records)
+
+    @property
+    def _fixer(self) -> _fixes.LightningAutoFixer | None:
+        fixer = getattr(self.watcher, "autofixer", None)
+        return fixer if isinstance(fixer, _fixes.LightningAutoFixer) else None
 
     @property
     def diagnosis(self) -> Diagnosis | None:
@@ -242,19 +357,34 @@ class GradWatchCallback(Callback):
     # -- set-up --------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
+        self._trainer_ref = weakref.ref(trainer)
+        self._module_ref = weakref.ref(pl_module)
+        if stage == "fit" and isinstance(trainer.strategy, DeepSpeedStrategy):
             rank_zero_warn("gradwatch: DeepSpeed keeps gradients in its own partitioned buffers (`param.grad` is None "
                            "under ZeRO stage 2/3), so GradWatchCallback may record no gradient statistics")
-        # Hook point for auto-fix: a structural fix applied in an earlier run must be replayed here
-        # (before the checkpoint's weights are loaded strictly), e.g. from ``trainer.ckpt_path``.
-        self._replay_fixes(trainer, pl_module)
+        # Every stage that may load a checkpoint (fit, validate, test, predict) needs the structural
+        # changes of a fixed model replayed before its weights are loaded strictly.
+        resuming = self._replay_fixes(trainer, pl_module)
+        if stage == "fit" and self.preflight:
+            if resuming:
+                rank_zero_info("gradwatch: preflight skipped: resuming from a checkpoint, whose own record decides "
+                               "the model's structure")
+            else:
+                self._preflight(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_load_hook()
+        self._tree = None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Called after the strategy wrapped/sharded the model and built the optimizers, and after
         # a checkpoint's callback state was loaded: the parameters we see now are the trained ones.
+        self._remove_load_hook()
+        self._tree = None  # weights are loaded: preflight's changes are final
+        self._trainer_ref = weakref.ref(trainer)
+        self._module_ref = weakref.ref(pl_module)
         if self.watcher is not None:
             self.watcher.close()
         self._last_step = None
@@ -272,15 +402,14 @@ class GradWatchCallback(Callback):
                            "saturation) are turned off because forward hooks would break or be skipped by the compiled graph")
             activations = False
         if self.auto_fix:
-            # The watcher's auto-fixer needs the optimizer (new parameters, snapshots); it is not hooked:
+            # The auto-fixer needs the optimizer (new parameters, snapshots); it is not hooked:
             # Lightning runs backward inside optimizer.step(closure), after any step pre-hook.
             kwargs["optimizer"] = trainer.optimizers[0] if trainer.optimizers else None
             kwargs["hook_optimizer"] = False
             if len(trainer.optimizers) > 1:
                 rank_zero_warn("gradwatch: auto_fix tells only the first optimizer about parameters added by fixes")
-            if trainer.world_size > 1:
-                rank_zero_warn("gradwatch: auto_fix under a distributed strategy: structural fixes change the model "
-                               "behind the DDP/FSDP wrapper; only re-initialisation and clipping are safe there")
+            elif not trainer.optimizers:
+                rank_zero_warn("gradwatch: auto_fix needs an optimizer and the Trainer has none: recommendations only")
         self.watcher = GradWatcher(
             pl_module,
             every_n_steps=self.every_n_steps,
@@ -290,12 +419,13 @@ class GradWatchCallback(Callback):
             figure_every_n_steps=self.figure_every_n_steps,
             diagnose_every_n_steps=self.diagnose_every_n_steps,
             history_capacity=self.history_capacity,
-            auto_fix=self.auto_fix,
+            auto_fix=False,  # the Lightning auto-fixer is attached below
             on_error=self.on_error,
             name=type(pl_module).__name__,
             **kwargs,
         )
         watcher = self.watcher
+        refusals = self._attach_fixer(trainer, pl_module, watcher)
         if trainer.is_global_zero:  # only rank zero writes; on other ranks loggers are no-ops anyway
             watcher.sinks.extend(self._make_sinks(trainer, watcher))
         watcher.note_optimizers(*trainer.optimizers)
@@ -308,6 +438,11 @@ class GradWatchCallback(Callback):
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
+        fixer = self._fixer
+        if fixer is not None and refusals:
+            fixer.refuse(int(trainer.global_step), refusals)
+        if self._clipping is not None:  # restored from a checkpoint (or kept from an earlier fit)
+            self._install_clipping(trainer)
 
     def _make_sinks(self, trainer: Trainer, watcher: GradWatcher) -> list[Sink]:
         loggers = list(trainer.loggers)
@@ -359,9 +494,15 @@ class GradWatchCallback(Callback):
         if self._unscale is not None:
             self._unscale.prepare(optimizer)
         loss, self._loss = self._loss, None
+        fixer = self._fixer
+        if fixer is not None and fixer.state != "done" and watcher.optimizer is not None:
+            # what the schedulers set, in case a rollback restores older param groups
+            self._pre_groups = [_fixes.hyper(g) for g in watcher.optimizer.param_groups]
         watcher.step(loss=loss, global_step=step)
-        # With auto_fix, the watcher's auto-fixer ran inside watcher.step() above (its step callback):
-        # fixes are applied here, before this optimizer step and before Lightning's clipping.
+        # With auto_fix, the auto-fixer ran inside watcher.step() above (its step callback): fixes
+        # are applied here, before this optimizer step and before Lightning's clipping.
+        if self._clipping is not None:
+            self._clipping.before_lightning_clips(trainer, optimizer)
         self._check_fail_on(trainer, step)
 
     # -- reporting -----------------------------------------------------------------------------
@@ -447,15 +588,192 @@ class GradWatchCallback(Callback):
         )
         raise GradientHealthError(message, diagnosis=diag, step=step)
 
-    # -- auto-fix hook point --------------------------------------------------------------------
-    def _replay_fixes(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Re-apply the structural fixes recorded in the checkpoint being resumed (``trainer.ckpt_path``).
+    # -- replaying fixes from a checkpoint ----------------------------------------------------------
+    def _replay_fixes(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Make sure the structural fixes recorded in a checkpoint are replayed before its weights load.
 
         Called in ``setup``, before Lightning loads the checkpoint's weights strictly: a model changed
-        by a fix mid-run must be changed the same way again or it cannot load its own checkpoint.
-        Not implemented yet (owned by the auto-fix integration): the auto-fix records are not yet
-        part of this callback's state.
+        by a fix must be changed the same way again or it cannot load its own checkpoint. In
+        ``Trainer.fit(ckpt_path=...)`` the path is not known yet in ``setup`` (``trainer.ckpt_path`` is
+        set when Lightning reads the checkpoint, right before loading the weights), so a
+        ``load_state_dict`` pre-hook on the LightningModule does the replay then. When the path is
+        already known (``trainer.ckpt_path = path`` set before ``fit``), the replay happens here.
+
+        Returns:
+            True when a checkpoint is known to be resumed (the replay was done here).
         """
+        self._remove_load_hook()
+        self.replayed = []
+        path = trainer.ckpt_path
+        if path:
+            self._resume_structure(trainer, pl_module, path)
+            return True
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._before_weights_load)
+        return False
+
+    def _before_weights_load(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
+                             *args: Any) -> None:
+        trainer = self._trainer_ref()
+        if trainer is None or prefix or not trainer.ckpt_path:
+            return  # not Lightning loading a checkpoint (e.g. the user loading pretrained weights)
+        self._remove_load_hook()
+        self._resume_structure(trainer, module, trainer.ckpt_path, state_dict)
+
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    def _resume_structure(self, trainer: Trainer, module: torch.nn.Module, path: str | os.PathLike[str],
+                          state_dict: dict[str, Any] | None = None) -> None:
+        if self._tree is not None:
+            # This setup's preflight changed a model whose weights now come from a checkpoint: the
+            # checkpoint's own record decides the structure.
+            self._tree.restore()
+            self._tree = None
+            if self._preflight_record is not None:
+                _fixes.mark_applied(module, self._preflight_record, applied=False)
+                self._records = [r for r in self._records if r is not self._preflight_record]
+                self._preflight_record = None
+            rank_zero_info("gradwatch: loading a checkpoint: this run's preflight changes were undone (the "
+                           "checkpoint's record decides the model's structure)")
+        states = _fixes.gradwatch_states(_fixes.read_checkpoint(path, trainer), self.state_key)
+        records = [r for state in states for r in state.get("fix_records", []) or []]
+        if not records:
+            return
+        self.replayed = _fixes.replay_records(module, records)
+        self._records = copy.deepcopy(records)
+        if self.replayed:
+            rank_zero_info(f"gradwatch: replayed {len(self.replayed)} structural change(s) recorded in {path} "
+                           f"before loading its weights: {', '.join(op['op'] + ' ' + op['path'] for op in self.replayed)}")
+        if state_dict is not None:
+            have, want = set(module.state_dict()), set(state_dict)
+            if have != want:
+                rank_zero_warn(f"gradwatch: after replaying the checkpoint's fixes the model still differs from it: "
+                               f"missing {sorted(want - have)[:8]}, unexpected {sorted(have - want)[:8]}")
+
+    # -- preflight ---------------------------------------------------------------------------------
+    def _preflight(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise ValueError("GradWatchCallback(preflight=...) with manual optimization needs loss_fn=...: "
+                             "training_step steps the optimizers itself, so it cannot be probed")
+        if next(pl_module.parameters(), None) is None:
+            rank_zero_warn("gradwatch: preflight skipped: the LightningModule has no parameters in setup() (built in "
+                           "configure_model?); call gradwatch.preflight(...) at the end of configure_model instead")
+            return
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        param = next(pl_module.parameters())
+
+        def decide() -> tuple[Diagnosis, Any]:
+            batch = self.preflight_batch
+            if batch is None:
+                try:
+                    batch = _fixes.first_train_batch(trainer, pl_module)
+                except Exception as exc:
+                    raise RuntimeError(f"GradWatchCallback(preflight=...) could not draw a training batch in setup() "
+                                       f"({type(exc).__name__}: {exc}); pass preflight_batch=...") from exc
+            batch = _fixes.to_module_device(pl_module, batch)
+            with self._loss_context(pl_module):
+                diagnosis = probe(pl_module, self._probe_batch(batch), self._probe_loss(), steps=self.preflight_steps,
+                                  thresholds=self.thresholds)
+            return diagnosis, (move_data_to_device(batch, "cpu") if trainer.world_size > 1 else batch)
+
+        diagnosis, batch = _fixes.from_rank_zero(trainer, decide)  # rank zero decides for every rank
+        batch = move_data_to_device(batch, param.device)
+        tree = _fixes.TreeSnapshot(pl_module)
+        with self._loss_context(pl_module):
+            report = apply_fixes(pl_module, diagnosis, only=self.preflight, example_input=self._probe_batch(batch)[0],
+                                 options=self.fix_options)
+        if trainer.world_size > 1:
+            mine = _fixes.structure_fingerprint(pl_module)
+            same = mine == trainer.strategy.broadcast(mine, src=0)
+            if not trainer.strategy.reduce_boolean_decision(same, all=True):
+                raise RuntimeError("gradwatch preflight: the ranks changed the model differently from the same "
+                                   "diagnosis; training would not be synchronised")
+            if report.changed:
+                _fixes.broadcast_modules(trainer, pl_module, _fixes.touched_prefixes(report))
+        self.preflight_result = PreflightResult(diagnosis=diagnosis, report=report)
+        if report.changed:
+            record = _fixes.new_record("preflight", None, report)
+            self._records.append(record)
+            _fixes.mark_applied(pl_module, record)
+            self._preflight_record, self._tree = record, tree
+        if self.verbose:
+            rank_zero_info(f"gradwatch preflight (before training, {self.preflight_steps} probe passes on one batch):\n"
+                           f"{self.preflight_result}")
+
+    def _probe_batch(self, batch: Any) -> tuple[Any, Any]:
+        """``(inputs, target)`` for ``gradwatch.preflight.probe``: the batch's own pair with ``loss_fn``,
+        else the whole batch as the only input of the module (whose forward runs ``training_step``)."""
+        return split_batch(batch) if self.loss_fn is not None else ((batch,), None)
+
+    def _probe_loss(self) -> Callable[[Any, Any], torch.Tensor]:
+        return self.loss_fn if self.loss_fn is not None else _training_step_loss
+
+    def _loss_context(self, pl_module: LightningModule) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext() if self.loss_fn is not None else _fixes.training_step_as_forward(pl_module)
+
+    # -- auto-fix inside the Trainer ------------------------------------------------------------------
+    def _attach_fixer(self, trainer: Trainer, pl_module: LightningModule, watcher: GradWatcher) -> dict[str, str]:
+        """Attach the Lightning auto-fixer to the watcher; returns the fixes refused for this Trainer."""
+        if not self.auto_fix or watcher.optimizer is None:
+            return {}
+        requested = FIX_NAMES if self.auto_fix is True else tuple(self.auto_fix)
+        refusals = _fixes.mid_run_refusals(trainer, pl_module, requested)
+        allowed = tuple(f for f in requested if f not in refusals)
+        watcher.auto_fix = allowed
+        watcher.autofixer = _fixes.LightningAutoFixer(
+            watcher, allowed, trainer, self._on_fix_change, probe_steps=self.auto_fix_probe_steps,
+            verify_steps=self.auto_fix_verify_steps, options=self.fix_options)
+        if refusals:
+            rank_zero_warn(
+                f"gradwatch: auto_fix under {type(trainer.strategy).__name__} (world size {trainer.world_size}) refuses "
+                + "; ".join(f"{fix} ({why})" for fix, why in refusals.items())
+                + ". Preflight (GradWatchCallback(preflight=...), applied in setup() before the model is wrapped), "
+                "recommendations and the other fixes still work."
+            )
+        return refusals
+
+    def _on_fix_change(self, step: int, action: str, report: Any = None) -> None:
+        """The auto-fixer changed the model/optimizer (``applied``, ``rolled_back``) or engaged clipping."""
+        trainer, module, watcher, fixer = self._trainer_ref(), self._module_ref(), self.watcher, self._fixer
+        assert trainer is not None and module is not None and watcher is not None
+        optimizer = watcher.optimizer
+        if action == "clipping":
+            self._clipping = fixer.clipping if fixer is not None else None
+            return
+        if action == "applied":
+            record = _fixes.new_record("auto_fix", step, report)
+            self._records.append(record)
+            _fixes.mark_applied(module, record)
+            if trainer.world_size > 1:  # the same decision everywhere; re-initialised weights from rank zero
+                _fixes.broadcast_modules(trainer, module, _fixes.touched_prefixes(report))
+        elif action == "rolled_back":
+            last = next((r for r in reversed(self._records) if r.get("source") == "auto_fix"), None)
+            if last is not None:
+                self._records.remove(last)
+                _fixes.mark_applied(module, last, applied=False)
+            if optimizer is not None and self._pre_groups is not None:
+                for group, values in zip(optimizer.param_groups, self._pre_groups, strict=False):
+                    group.update(values)  # the schedule's current values, not the snapshot's older ones
+        if optimizer is not None and self._pre_groups is not None:
+            changed = _fixes.fit_schedulers(trainer, optimizer, len(self._pre_groups))
+            if changed:
+                log.info("gradwatch: LR schedulers resized to %d param groups (%s)", len(optimizer.param_groups),
+                         ", ".join(changed))
+
+    def _install_clipping(self, trainer: Trainer) -> None:
+        clipping = self._clipping
+        if clipping is None:
+            return
+        how = clipping.install(trainer)
+        if self.watcher is not None:
+            self.watcher.set_scalar("clip_threshold", clipping.threshold)
+        rank_zero_info(f"gradwatch: gradient clipping engaged by auto_fix at step {clipping.step} restored: {how}")
 
     # -- checkpointing -------------------------------------------------------------------------
     @override
@@ -472,7 +790,19 @@ class GradWatchCallback(Callback):
             "last_step": self._last_step,
             "printed_signature": _signature_to_list(self._printed_signature),
             "seen_nonfinite": self._seen_nonfinite,
+            "fix_records": copy.deepcopy(self._records),
+            "optimizer_layout": self._optimizer_layout(),
+            "autofix": self._fixer.state_dict() if self._fixer is not None else (self._pending_state or {}).get("autofix"),
+            "clipping": self._clipping.state_dict() if self._clipping is not None else None,
         }
+
+    def _optimizer_layout(self) -> list[list[str]] | None:
+        """Parameter names per group of the optimizer the fixes told about new parameters (only when they did)."""
+        module = self._module_ref()
+        optimizer = self.watcher.optimizer if self.watcher is not None else None
+        if module is None or optimizer is None or not any(_fixes.changes_parameters(r) for r in self._records):
+            return None
+        return _fixes.param_layout(optimizer, module)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -496,6 +826,34 @@ class GradWatchCallback(Callback):
         self._last_step = None if last is None else int(last)
         self._printed_signature = _signature_from_list(state.get("printed_signature"))
         self._seen_nonfinite = int(state.get("seen_nonfinite", watcher.history.nonfinite_steps))
+        self._restore_fixes(state)
+
+    def _restore_fixes(self, state: dict[str, Any]) -> None:
+        """Records, auto-fixer, clipping; the optimizer regrouped as saved (before Lightning loads its state)."""
+        trainer, module, watcher = self._trainer_ref(), self._module_ref(), self.watcher
+        records = state.get("fix_records")
+        if records is not None:
+            self._records = copy.deepcopy(list(records))
+        fixer = self._fixer
+        if fixer is not None and state.get("autofix"):
+            fixer.load_state_dict(state["autofix"], step=int(trainer.global_step) if trainer is not None else 0)
+        clipping = state.get("clipping")
+        if clipping:
+            self._clipping = _fixes.TrainerClipping.from_dict(clipping)
+            if fixer is not None:
+                fixer.clipping = self._clipping
+                fixer._clipping = True
+        layout = state.get("optimizer_layout")
+        optimizer = watcher.optimizer if watcher is not None else None
+        if optimizer is None and trainer is not None and trainer.optimizers:
+            optimizer = trainer.optimizers[0]
+        if layout and optimizer is not None and module is not None and trainer is not None:
+            regrouped = _fixes.regroup(optimizer, module, layout)
+            if regrouped is not None:
+                n_before, sources = regrouped
+                _fixes.fit_schedulers(trainer, optimizer, n_before, sources)
+                log.info("gradwatch: optimizer regrouped as saved with the checkpoint (%d -> %d param groups)", n_before,
+                         len(optimizer.param_groups))
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -512,6 +870,49 @@ def _names(arg: str, value: str | Iterable[str], allowed: Sequence[str]) -> tupl
     if unknown:
         raise ValueError(f"GradWatchCallback: {arg} has unknown value(s) {unknown}; allowed: {tuple(allowed)}")
     return tuple(dict.fromkeys(names))
+
+
+def _fix_options(value: Any) -> dict[str, dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise TypeError(f"GradWatchCallback: fix_options must be a dict of per-fix option dicts, got {value!r}")
+    _names("fix_options", list(value), FIX_NAMES)
+    return {k: dict(v) for k, v in value.items()}
+
+
+def _training_step_loss(output: torch.Tensor, target: Any) -> torch.Tensor:
+    return output  # the module's forward runs training_step and returns its loss
+
+
+def replay_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike[str] | dict[str, Any]) -> list[dict[str, Any]]:
+    """Rebuild on a fresh model the structure that ``GradWatchCallback`` fixes gave it in a Lightning checkpoint.
+
+    For inference or any use outside ``Trainer.fit``: a checkpoint of a model changed by
+    ``preflight`` or ``auto_fix`` has the fixed structure, which a fresh instance lacks.
+
+    Args:
+        model: a fresh instance of the LightningModule (or of the module the records were made on).
+        checkpoint: the checkpoint's path or its loaded contents.
+
+    Returns:
+        The structural ops applied, in order.
+
+    Raises:
+        RuntimeError: a record does not fit the model.
+
+    Example::
+
+        >>> model = LitModel()  # doctest: +SKIP
+        >>> replay_checkpoint(model, "last.ckpt")  # doctest: +SKIP
+        >>> model.load_state_dict(torch.load("last.ckpt")["state_dict"])  # strict  # doctest: +SKIP
+        >>> # the same by hand: a record is a plain dict whose "report" gradwatch.fixes.replay takes
+        >>> for record in torch.load("last.ckpt")["callbacks"][key]["fix_records"]:  # doctest: +SKIP
+        ...     gradwatch.fixes.replay(model, record["report"])
+    """
+    data = checkpoint if isinstance(checkpoint, dict) else _fixes.read_checkpoint(checkpoint)
+    records = [r for state in _fixes.gradwatch_states(data) for r in state.get("fix_records", []) or []]
+    return _fixes.replay_records(model, records)
 
 
 def _indices(value: int | Iterable[int] | None) -> tuple[int, ...] | None:
@@ -702,4 +1103,4 @@ def _compose(*fns: Any) -> Any:
     return reduce
 
 
-__all__ = ["DEFAULT_METRICS", "GradWatchCallback", "GradientHealthError"]
+__all__ = ["DEFAULT_METRICS", "GradWatchCallback", "GradientHealthError", "replay_checkpoint"]
