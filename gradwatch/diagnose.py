@@ -388,27 +388,45 @@ def _exploding(ctx: _Context) -> list[Finding]:
         if not flagged:
             flagged.update(valid)
 
-    # (e) an explosion earlier in the run that left the layer silent (or under SGD-like optimizers,
-    # where one update that size moves the weights far beyond their own size)
+    # (e) an explosion earlier in the run, out of the window now. Measured update ratios decide when
+    # there are any (one optimizer step that moved a layer by more than its own size is an explosion,
+    # whatever the optimizer; a clipped or Adam-normalised step is not); without them, the raw
+    # gradient: its grad-to-weight peak times an SGD learning rate, or a peak >= the critical ratio
+    # that left the layer silent (or happened under an optimizer that follows gradient scale).
     peak = view.peak_grad_to_weight
+    upd = view.peak_update_ratio
     if peak is not None and len(peak) == len(names) and len(view.steps):
         scale_invariant_opt = view.context.get("optimizer_scale_invariant") is True
+        lr = view.context.get("lr")
         silent_now = ~(ctx.gnorm[-max(1, len(ctx.gnorm) // 4):] > 0).any(axis=0)
         for i in range(len(names)):
-            if not (math.isfinite(peak[i]) and peak[i] >= th.exploding_critical_grad_to_weight) or i in flagged:
+            if i in flagged:
                 continue
             m = view.layer_meta[i]
-            if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
-                continue
-            if scale_invariant_opt and not silent_now[i]:
-                continue
+            step = -1
+            if upd is not None and len(upd) == len(names) and math.isfinite(upd[i]):
+                if upd[i] < th.exploding_update_ratio:
+                    continue
+                step = int(view.peak_update_step[i]) if view.peak_update_step is not None else -1
+                why = f"the optimizer step at {step} moved {names[i]} by {upd[i]:.3g}x its own size"
+                value = float(upd[i])
+            else:
+                if not math.isfinite(peak[i]):
+                    continue
+                if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
+                    continue
+                sgd_step = (not scale_invariant_opt) and isinstance(lr, int | float) and peak[i] * lr >= th.exploding_update_ratio
+                big = peak[i] >= th.exploding_critical_grad_to_weight and (silent_now[i] or not scale_invariant_opt)
+                if not (sgd_step or big):
+                    continue
+                step = int(view.peak_step[i]) if view.peak_step is not None else -1
+                why = f"at step {step} the gradient of {names[i]} was {peak[i]:.3g}x its weights"
+                value = float(peak[i])
             flagged.add(i)
             critical = True
-            step = int(view.peak_step[i]) if view.peak_step is not None else -1
-            reasons_found.append(f"at step {step} the gradient of {names[i]} was {peak[i]:.3g}x its weights"
-                                 + (" and the layer has had no gradient since" if silent_now[i] else ""))
-            evidence.setdefault("peak_grad_to_weight", {})[names[i]] = {"value": float(peak[i]), "step": step,
-                                                                       "silent_now": bool(silent_now[i])}
+            reasons_found.append(why + (" and the layer has had no gradient since" if silent_now[i] else ""))
+            evidence.setdefault("early_explosion", {})[names[i]] = {"value": value, "step": step,
+                                                                   "silent_now": bool(silent_now[i])}
 
     if not reasons_found:
         return []
@@ -429,7 +447,7 @@ def _exploding(ctx: _Context) -> list[Finding]:
         fixes = ("he_init", "insert_batchnorm", "lower_lr")
         if scale_invariant is False:
             fixes = ("he_init", "insert_batchnorm", "clip_gradients", "lower_lr")
-        cause = f"weights of {over[:3]} are {max(scales):.1f}x the He scale"
+        cause = f"weights of {evidence['fix_layers'][:3]}{'...' if len(evidence['fix_layers']) > 3 else ''} are {max(scales):.1f}x the He scale"
     else:
         fixes = ("clip_gradients", "lower_lr") if scale_invariant is not True else ("lower_lr", "clip_gradients")
         cause = "updates are large relative to the weights"

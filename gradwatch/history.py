@@ -73,6 +73,10 @@ class HistoryView:
     #: an explosion that wrecked a layer early stays visible after it leaves the window.
     peak_grad_to_weight: np.ndarray | None = None
     peak_step: np.ndarray | None = None
+    #: run-long largest measured update-to-weight ratio per layer (one optimizer step's size relative to
+    #: the weights) and its step; layers whose weights were near zero at the time are left out.
+    peak_update_ratio: np.ndarray | None = None
+    peak_update_step: np.ndarray | None = None
 
     def metric(self, name: str) -> np.ndarray:
         """``[steps, layers]`` array of one gradient metric."""
@@ -289,6 +293,9 @@ class History:
         self._summary = _Summary(summary_slots, (0, len(GRAD_METRICS)))
         self.first_nonfinite: tuple[int, list[str]] | None = None
         self._peak = np.zeros(0)
+        self._peak_upd = np.zeros(0)
+        self._peak_upd_step = np.zeros(0, dtype=np.int64)
+        self._last_wnorm = np.zeros(0)
         self._first_losses: list[float] = []
         self._peak_step = np.zeros(0, dtype=np.int64)
         self.nonfinite_steps = 0
@@ -307,8 +314,12 @@ class History:
         self._signal.grow(n)
         self._summary.grow(n)
         if len(self._peak) < n:
-            self._peak = np.concatenate([self._peak, np.full(n - len(self._peak), np.nan)])
-            self._peak_step = np.concatenate([self._peak_step, np.zeros(n - len(self._peak_step), dtype=np.int64)])
+            extra = n - len(self._peak)
+            self._peak = np.concatenate([self._peak, np.full(extra, np.nan)])
+            self._peak_step = np.concatenate([self._peak_step, np.zeros(extra, dtype=np.int64)])
+            self._peak_upd = np.concatenate([self._peak_upd, np.full(extra, np.nan)])
+            self._peak_upd_step = np.concatenate([self._peak_upd_step, np.zeros(extra, dtype=np.int64)])
+            self._last_wnorm = np.concatenate([self._last_wnorm, np.full(extra, np.nan)])
         self._active_layers = set(names)
         index = {name: i for i, name in enumerate(self.layers)}
         return [index[name] for name in names]
@@ -340,12 +351,32 @@ class History:
         higher = np.isfinite(gtw) & ~(gtw <= self._peak)  # NaN peaks are replaced by any finite value
         self._peak[higher] = gtw[higher]
         self._peak_step[higher] = step
+        self._track_update_peaks(step, record)
         self.total_steps += 1
         nf = np.nan_to_num(values[:, GRAD_METRICS.index("nonfinite")]) > 0
         if nf.any():
             self.nonfinite_steps += 1
             if self.first_nonfinite is None:
                 self.first_nonfinite = (step, [self.layers[columns[i]] for i in np.flatnonzero(nf)])
+
+    def _track_update_peaks(self, step: int, record: np.ndarray) -> None:
+        upd = record[:, GRAD_METRICS.index("update_ratio")].astype(np.float64)
+        if np.isfinite(upd).any():
+            # weights near zero (a zero-initialised head, a LoRA B) make any update look huge:
+            # only count layers whose weights were at least a tenth of the 1/sqrt(fan_in) scale
+            n = len(self.layers)
+            fan = np.array([self.layer_meta[name].fan_in or 0 for name in self.layers], dtype=np.float64)
+            numel = np.array([max(1, self.layer_meta[name].numel) for name in self.layers], dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rms = self._last_wnorm[:n] / np.sqrt(numel)
+                big_enough = (fan == 0) | (rms >= 0.1 / np.sqrt(np.where(fan > 0, fan, 1.0)))
+            valid = np.isfinite(upd) & big_enough
+            higher = valid & ~(upd <= self._peak_upd[:n])
+            self._peak_upd[:n][higher] = upd[higher]
+            self._peak_upd_step[:n][higher] = step
+        w = record[:, GRAD_METRICS.index("weight_norm")].astype(np.float64)
+        seen = np.isfinite(w)
+        self._last_wnorm[: len(w)][seen] = w[seen]
 
     def append_sample(
         self, step: int, act_columns: list[int], act: np.ndarray, layer_columns: list[int], signal: np.ndarray
@@ -402,6 +433,8 @@ class History:
             first_nonfinite=self.first_nonfinite,
             peak_grad_to_weight=self._peak[order].copy() if len(self._peak) >= len(self.layers) else None,
             peak_step=self._peak_step[order].copy() if len(self._peak_step) >= len(self.layers) else None,
+            peak_update_ratio=self._peak_upd[order].copy() if len(self._peak_upd) >= len(self.layers) else None,
+            peak_update_step=self._peak_upd_step[order].copy() if len(self._peak_upd_step) >= len(self.layers) else None,
             nonfinite_steps=self.nonfinite_steps,
             total_steps=self.total_steps,
             context=dict(self.context),

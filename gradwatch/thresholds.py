@@ -28,6 +28,9 @@ class Thresholds:
         exploding_grad_to_weight: a layer whose gradient norm exceeds its weight norm by this factor
             (sustained) is exploding: one SGD step with lr=0.1 would move it by its own size.
         exploding_critical_grad_to_weight: ... and by this factor it is critical.
+        exploding_update_ratio: one optimizer step that moved a layer by this many times its own
+            norm (measured update-to-weight ratio; or the gradient ratio times an SGD learning rate)
+            is an explosion, even once, even long ago.
         small_weight_factor: layers whose weight RMS is below this fraction of the 1/sqrt(fan_in)
             init scale are skipped by the grad-to-weight explosion rule (a near-zero-initialised
             layer has a large ratio by construction, not an explosion).
@@ -66,6 +69,7 @@ class Thresholds:
     min_rank_correlation: float = 0.5
     exploding_grad_to_weight: float = 10.0
     exploding_critical_grad_to_weight: float = 1000.0
+    exploding_update_ratio: float = 1.0
     small_weight_factor: float = 0.1
     exploding_depth_decades: float = 3.0
     exploding_growth_decades: float = 2.0

@@ -176,6 +176,9 @@ class GradWatcher:
         self.history.context["optimizer_scale_invariant"] = (
             type(optimizer).__name__ in _SCALE_INVARIANT_OPTIMIZERS if optimizer is not None else None
         )
+        lrs = [g.get("lr") for g in optimizer.param_groups] if optimizer is not None else []
+        lr_values = [float(v) for v in lrs if isinstance(v, int | float)]
+        self.history.context["lr"] = max(lr_values) if lr_values else None
         self._set_layers(layers)
         self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
         if self.activations_enabled and self._is_sample(0):

@@ -282,7 +282,7 @@ def test_an_early_explosion_that_silenced_a_layer_stays_visible() -> None:
     v.peak_step = np.array([3, 0, 5, 5])
     (f,) = diagnose(v).by_kind("exploding")
     assert f.layers == ("l1",) and f.severity == "critical"
-    assert f.evidence["peak_grad_to_weight"]["l1"]["step"] == 0
+    assert f.evidence["early_explosion"]["l1"]["step"] == 0
     v.peak_grad_to_weight = np.array([0.02, 50.0, 0.02, 0.02])  # below the critical ratio: no finding
     assert "exploding" not in diagnose(v).kinds()
 
@@ -307,3 +307,20 @@ def test_a_forgetting_rnn_that_learns_its_task_is_a_note_not_a_finding() -> None
     v.loss = np.full(len(v.steps), 0.05)  # learnt the task: only a note
     d = diagnose(v)
     assert "vanishing" not in d.kinds() and any("loss fell" in n for n in d.notes)
+
+
+def test_one_update_larger_than_the_weights_is_an_explosion_even_long_ago() -> None:
+    v = view([0.01] * 4, steps=30)
+    v.peak_grad_to_weight = np.array([0.02, 300.0, 0.02, 0.02])  # below the critical ratio...
+    v.peak_step = np.zeros(4, dtype=np.int64)
+    v.peak_update_ratio = np.array([1e-3, 26.0, 1e-3, 1e-3])  # ...but one step moved l1 26x its size
+    v.peak_update_step = np.array([1, 1, 1, 1])
+    (f,) = diagnose(v).by_kind("exploding")
+    assert f.layers == ("l1",) and f.evidence["early_explosion"]["l1"]["value"] == 26.0
+    v.peak_update_ratio = np.array([1e-3, 0.05, 1e-3, 1e-3])  # clipped: the update stayed small
+    assert "exploding" not in diagnose(v).kinds()
+    v.peak_update_ratio = None  # no update measured: the gradient peak times an SGD learning rate
+    v.context = {"optimizer_scale_invariant": False, "lr": 0.1}
+    assert "exploding" in diagnose(v).kinds()
+    v.context = {"optimizer_scale_invariant": True, "lr": 0.1}  # Adam: a large gradient is not a large step
+    assert "exploding" not in diagnose(v).kinds()
