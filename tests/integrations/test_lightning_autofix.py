@@ -312,3 +312,71 @@ def test_resumed_preflight_run_takes_its_structure_from_the_checkpoint(tmp_path:
     assert [op["op"] for op in resumed.replayed] == ["replace_activation"] * 7
     assert resumed.fix_records == first.fix_records
     assert math.isfinite(float(resumed.to_dataframe()["value"].dropna().iloc[-1]))
+
+
+# -- two processes (DDP on gloo) --------------------------------------------------------------------------
+def _run_ddp(mode: str, out: Path, timeout: float = 240) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent / "dist_autofix_script.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script), mode, str(out)], cwd=str(script.parent), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: rank 1 too
+        output, _ = proc.communicate()
+        pytest.fail(f"{mode} run did not finish in {timeout}s (a rank hangs?)\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    return [(json.loads((out / f"rank{r}.json").read_text()), torch.load(out / f"rank{r}.pt", weights_only=True))
+            for r in (0, 1)]
+
+
+def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same keys, and every parameter (and buffer but BatchNorm running statistics) bitwise equal.
+
+    DDP broadcasts rank zero's buffers at the start of every forward, so after the last forward each
+    rank's running statistics are those of its own last batch: that is DDP, not a divergence.
+    """
+    local = ("running_mean", "running_var")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.endswith(local))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_auto_fix_takes_rank_zeros_decisions_and_keeps_the_ranks_identical(tmp_path: Path) -> None:
+    (info0, state0), (info1, state1) = _run_ddp("autofix", tmp_path)
+    assert info0["world_size"] == 2 and info0["error"] is None and info1["error"] is None
+    assert info0["events"] == info1["events"]  # the same decisions at the same steps
+    actions = [(step, action) for step, action, _ in info0["events"]]
+    assert actions[:3] == [(0, "refused"), (4, "applied"), (4, "clipping")]
+    refused, applied = info0["events"][0][2], info0["events"][1][2]
+    assert refused.startswith("insert_batchnorm: DDPStrategy builds its wrapper over the parameters")
+    assert "he_init" in applied and "insert_batchnorm" not in applied
+    assert info0["gradient_clip_val"] == info1["gradient_clip_val"] == 1.0
+    # he_init drew different weights on each rank (their random states differ on purpose) ...
+    [b0], [b1] = info0["broadcasts"], info1["broadcasts"]
+    assert b0["before"] != b1["before"] and b0["copied"] == b1["copied"] > 0
+    # ... rank zero's were broadcast, and after 12 more DDP steps every parameter is identical
+    assert b0["after"] == b1["after"] == b0["before"]
+    assert _identical(state0, state1)
+    assert not any("running_mean" in k for k in state0)  # nothing structural was applied
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_preflight_applies_rank_zeros_fixes_on_every_rank(tmp_path: Path) -> None:
+    (info0, state0), (info1, state1) = _run_ddp("preflight", tmp_path)
+    assert info0["error"] is None and info1["error"] is None
+    assert info0["preflight"] == info1["preflight"] and info0["preflight"][0].startswith("[applied] insert_batchnorm")
+    assert info0["records"] == info1["records"] == ["preflight"]
+    [b0], [b1] = info0["broadcasts"], info1["broadcasts"]
+    assert b0["before"] != b1["before"] and b0["after"] == b1["after"]  # each rank had its own initialisation
+    assert sum("running_mean" in k for k in state0) == 7
+    assert _identical(state0, state1)
