@@ -307,7 +307,7 @@ class GradWatcher:
     def _collect(self, step: int, loss: Any) -> None:
         index = self.collected
         slow = index % self.slow_stats_every_n == 0
-        if slow and self._params_changed():
+        if slow and self._params_maybe_changed() and self._params_changed():
             log.info("gradwatch: the parameters of %s changed since watch(); re-discovering layers", self.name)
             self._set_layers(discover_layers(self.model))
         partials = self.collector.compute_on_device(slow)
@@ -387,6 +387,16 @@ class GradWatcher:
             cache = self._names_cache = (self.layers, self._acts, [layer.name for layer in self.layers],
                                          [a for a, _ in self._acts])
         return cache[2], cache[3]
+
+    def _params_maybe_changed(self) -> bool:
+        """Cheap pre-check for :meth:`_params_changed` on the hot path: the identities of
+        ``model.parameters()`` (a fraction of the cost of re-discovering layers); only when they
+        differ from the last check are the layers re-discovered."""
+        fingerprint = tuple(map(id, self.model.parameters()))
+        if fingerprint == getattr(self, "_param_fingerprint", None):
+            return False
+        self._param_fingerprint = fingerprint
+        return True
 
     def _params_changed(self) -> bool:
         key = tuple(id(p) for layer in discover_layers(self.model) for p in layer.params)
