@@ -298,9 +298,21 @@ class GradWatchCallback(Callback):
         self._tree: _fixes.TreeSnapshot | None = None  # the model before this setup's preflight
         self._preflight_record: dict[str, Any] | None = None
         self._load_hook: Any = None
-        self._trainer_ref: Callable[[], Trainer | None] = lambda: None
-        self._module_ref: Callable[[], LightningModule | None] = lambda: None
+        self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
+        self._module_ref: weakref.ReferenceType[LightningModule] | None = None
         self._pre_groups: list[dict[str, Any]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Strategies that start processes by pickling the Trainer (ddp_spawn) pickle its callbacks too.
+        state = dict(self.__dict__)
+        state.update(_trainer_ref=None, _module_ref=None, _load_hook=None, _tree=None)
+        return state
+
+    def _trainer(self) -> Trainer | None:
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    def _module(self) -> LightningModule | None:
+        return self._module_ref() if self._module_ref is not None else None
 
     @property
     @override
@@ -440,7 +452,7 @@ class GradWatchCallback(Callback):
             self._pending_state = None
         fixer = self._fixer
         if fixer is not None and refusals:
-            fixer.refuse(int(trainer.global_step), refusals)
+            fixer.refuse(self._next_step(trainer), refusals)
         if self._clipping is not None:  # restored from a checkpoint (or kept from an earlier fit)
             self._install_clipping(trainer)
 
@@ -614,7 +626,7 @@ class GradWatchCallback(Callback):
 
     def _before_weights_load(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
                              *args: Any) -> None:
-        trainer = self._trainer_ref()
+        trainer = self._trainer()
         if trainer is None or prefix or not trainer.ckpt_path:
             return  # not Lightning loading a checkpoint (e.g. the user loading pretrained weights)
         self._remove_load_hook()
@@ -638,7 +650,12 @@ class GradWatchCallback(Callback):
                 self._preflight_record = None
             rank_zero_info("gradwatch: loading a checkpoint: this run's preflight changes were undone (the "
                            "checkpoint's record decides the model's structure)")
-        states = _fixes.gradwatch_states(_fixes.read_checkpoint(path, trainer), self.state_key)
+        try:
+            states = _fixes.gradwatch_states(_fixes.read_checkpoint(path, trainer), self.state_key)
+        except Exception as exc:  # Lightning has read it; if it needs a replay its strict load will say so
+            rank_zero_warn(f"gradwatch: could not read the fix record of {path} ({type(exc).__name__}: {exc}); "
+                           "a model changed by gradwatch's fixes will not load its weights")
+            return
         records = [r for state in states for r in state.get("fix_records", []) or []]
         if not records:
             return
@@ -740,7 +757,7 @@ class GradWatchCallback(Callback):
 
     def _on_fix_change(self, step: int, action: str, report: Any = None) -> None:
         """The auto-fixer changed the model/optimizer (``applied``, ``rolled_back``) or engaged clipping."""
-        trainer, module, watcher, fixer = self._trainer_ref(), self._module_ref(), self.watcher, self._fixer
+        trainer, module, watcher, fixer = self._trainer(), self._module(), self.watcher, self._fixer
         assert trainer is not None and module is not None and watcher is not None
         optimizer = watcher.optimizer
         if action == "clipping":
@@ -765,6 +782,12 @@ class GradWatchCallback(Callback):
             if changed:
                 log.info("gradwatch: LR schedulers resized to %d param groups (%s)", len(optimizer.param_groups),
                          ", ".join(changed))
+
+    def _next_step(self, trainer: Trainer | None) -> int:
+        """The global step training continues at (``trainer.global_step`` is restored only after ``on_fit_start``)."""
+        if self._last_step is not None:
+            return self._last_step + 1
+        return int(trainer.global_step) if trainer is not None else 0
 
     def _install_clipping(self, trainer: Trainer) -> None:
         clipping = self._clipping
@@ -798,7 +821,7 @@ class GradWatchCallback(Callback):
 
     def _optimizer_layout(self) -> list[list[str]] | None:
         """Parameter names per group of the optimizer the fixes told about new parameters (only when they did)."""
-        module = self._module_ref()
+        module = self._module()
         optimizer = self.watcher.optimizer if self.watcher is not None else None
         if module is None or optimizer is None or not any(_fixes.changes_parameters(r) for r in self._records):
             return None
@@ -830,13 +853,13 @@ class GradWatchCallback(Callback):
 
     def _restore_fixes(self, state: dict[str, Any]) -> None:
         """Records, auto-fixer, clipping; the optimizer regrouped as saved (before Lightning loads its state)."""
-        trainer, module, watcher = self._trainer_ref(), self._module_ref(), self.watcher
+        trainer, module, watcher = self._trainer(), self._module(), self.watcher
         records = state.get("fix_records")
         if records is not None:
             self._records = copy.deepcopy(list(records))
         fixer = self._fixer
         if fixer is not None and state.get("autofix"):
-            fixer.load_state_dict(state["autofix"], step=int(trainer.global_step) if trainer is not None else 0)
+            fixer.load_state_dict(state["autofix"], step=self._next_step(trainer))
         clipping = state.get("clipping")
         if clipping:
             self._clipping = _fixes.TrainerClipping.from_dict(clipping)

@@ -345,17 +345,27 @@ def replay_records(module: nn.Module, records: Iterable[dict[str, Any]]) -> list
 
 
 def read_checkpoint(path: str | os.PathLike[str], trainer: Trainer | None = None) -> dict[str, Any]:
-    """Read a Lightning checkpoint's contents without reading its tensors (local files are memory-mapped)."""
+    """A Lightning checkpoint's contents; a local file is memory-mapped, so its tensors are not read.
+
+    A directory (a sharded/distributed checkpoint) gives its ``meta.pt`` (where Lightning keeps the
+    callback states), or ``{}``. Remote paths and custom checkpoint IO go through the Trainer's
+    ``checkpoint_io`` (Lightning's ``TorchCheckpointIO`` without a Trainer).
+    """
+    if os.path.isdir(path):
+        meta = os.path.join(path, "meta.pt")
+        return read_checkpoint(meta, trainer) if os.path.isfile(meta) else {}
     if os.path.isfile(path):
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception:  # objects weights_only refuses: the run loading it has accepted them already
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    if trainer is not None:  # remote (fsspec) paths, custom checkpoint IO
+        except Exception:
+            # Objects weights_only refuses (or an old, non-zip file): the run loading this checkpoint has
+            # just loaded it with Lightning, so it accepted them already.
+            return torch.load(path, map_location="cpu", weights_only=False)
+    if trainer is not None:
         return trainer.strategy.checkpoint_io.load_checkpoint(path)
-    from lightning.fabric.utilities.cloud_io import _load
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    return _load(path, map_location="cpu")
+    return TorchCheckpointIO().load_checkpoint(path)
 
 
 def gradwatch_states(checkpoint: dict[str, Any], state_key: str | None = None) -> list[dict[str, Any]]:
@@ -502,6 +512,10 @@ class TrainerClipping:
         self.eps = float(eps)
         self.history: deque[float] = deque((float(v) for v in history if math.isfinite(float(v))), maxlen=window)
         self.step = step
+        #: False when the Trainer keeps a clipping value of its own (set by the user).
+        self.active = False
+        #: The seed history already holds the current step's norm (it comes from the diagnosis).
+        self.seeded = bool(self.history)
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> TrainerClipping:
@@ -534,10 +548,13 @@ class TrainerClipping:
         """Set the Trainer's clipping (unless the user set a different value); returns what was done."""
         value = self.gradient_clip_val
         if self.mode == "agc":
+            self.active = True
             return f"unit-wise AGC (clip_factor={self.clip_factor:g}) applied in on_before_optimizer_step"
         current = trainer.gradient_clip_val
-        if current and not (self.mode == "autoclip" or math.isclose(float(current), float(value or 0.0))):
+        if current and not (self.active and self.mode == "autoclip") and not math.isclose(float(current), float(value or 0.0)):
+            self.active = False
             return f"the Trainer's own gradient_clip_val={current!r} kept"
+        self.active = True
         trainer.gradient_clip_val = value
         trainer.gradient_clip_algorithm = GradClipAlgorithmType.NORM
         return f"Trainer clipping: gradient_clip_val={value!r}, gradient_clip_algorithm='norm'"
@@ -546,9 +563,11 @@ class TrainerClipping:
         """Per-step work, from ``on_before_optimizer_step`` (after gradwatch read the statistics)."""
         inner = getattr(optimizer, "optimizer", optimizer)
         params = [p for group in inner.param_groups for p in group["params"]]
-        if self.mode == "autoclip":
+        if self.mode == "autoclip" and self.active:
             grads = [p.grad for p in params if p.grad is not None]
-            if grads:
+            if self.seeded:
+                self.seeded = False
+            elif grads:
                 norm = float(global_norm(grads))
                 if math.isfinite(norm):
                     self.history.append(norm)
@@ -593,8 +612,6 @@ class LightningAutoFixer(AutoFixer):
         """Record the fixes refused for this Trainer (one event)."""
         if refusals:
             self._event(step, "refused", "; ".join(f"{fix}: {why}" for fix, why in refusals.items()))
-        if "clip_gradients" in refusals:
-            self._clipping = True
 
     def _maybe_clip(self, step: int) -> None:
         w = self.watcher
@@ -611,8 +628,11 @@ class LightningAutoFixer(AutoFixer):
         change = planned[0]
         config = dict(change.details.get("clipper", {}))
         options = dict(change.details.get("options", {}))
-        history = [float(v) for v in (diag.by_kind("exploding") or diag.by_kind("nonfinite"))[0].evidence.get(
-            "total_norm_history", ()) or ()] if config.get("mode") == "autoclip" else []
+        history: list[float] = []
+        if config.get("mode") == "autoclip":  # AutoClip's history: the pre-clip global norms recorded so far
+            finding = (diag.by_kind("exploding") or diag.by_kind("nonfinite"))[0]
+            recorded = finding.evidence.get("total_norm_history") or w.history.view().total_norm
+            history = [float(v) for v in recorded if math.isfinite(float(v))]
         self.clipping = TrainerClipping(config.get("mode", "norm"), max_norm=config.get("max_norm", options.get("max_norm", 1.0)),
                                         percentile=options.get("percentile", 10.0), window=options.get("window", 10_000),
                                         clip_factor=options.get("clip_factor", 0.01), history=history, step=step)
@@ -641,7 +661,8 @@ class LightningAutoFixer(AutoFixer):
         })
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.events = [_event_from_dict(e) for e in state.get("events", [])]
+        # the saved events first; those of this run so far (e.g. refusals) after them
+        self.events = [_event_from_dict(e) for e in state.get("events", [])] + self.events
         self._applied_at = int(state.get("applied_at", 0))
         self._before_loss = float(state.get("before_loss", math.nan))
         self._before_score = float(state.get("before_score", 0.0))

@@ -196,6 +196,18 @@ def test_inference_from_a_fixed_checkpoint_with_replay(tmp_path: Path) -> None:
     torch.testing.assert_close(by_hand.eval()(x), trained(x), rtol=0, atol=0)
 
 
+def test_resume_during_verification_keeps_the_fix_unverified(tmp_path: Path) -> None:
+    first = _batchnorm_callback(auto_fix_verify_steps=100)  # still verifying when the epoch's checkpoint is saved
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _trainer(tmp_path, first, ckpt, enable_checkpointing=True).fit(_sigmoid_mlp())
+    assert first.watcher is not None and first.watcher.autofixer.state == "verifying"
+    resumed = _batchnorm_callback(auto_fix_verify_steps=100)
+    _trainer(tmp_path, resumed, max_epochs=2).fit(_sigmoid_mlp(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [(e.step, e.action) for e in resumed.auto_fix_events] == [(4, "applied"), (8, "kept")]
+    assert "not saved in checkpoints" in resumed.auto_fix_events[1].detail
+    assert resumed.watcher is not None and resumed.watcher.autofixer.state == "done" and len(resumed.replayed) == 7
+
+
 # -- clipping ------------------------------------------------------------------------------------------------
 def _exploding_mlp() -> LitFixMLP:
     torch.manual_seed(0)
@@ -241,6 +253,19 @@ def test_clipping_auto_fix_drives_the_trainers_clipping_and_survives_resume(tmp_
     own = _trainer(tmp_path, GradWatchCallback(verbose=False), max_epochs=3, gradient_clip_val=5.0)
     own.fit(_exploding_mlp(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert own.gradient_clip_val == 5.0
+
+
+def test_autoclip_threshold_follows_the_pre_clip_norms(tmp_path: Path) -> None:
+    model = _exploding_mlp()
+    callback = GradWatchCallback(auto_fix=("clip_gradients",), auto_fix_probe_steps=5, diagnose_every_n_steps=5,
+                                 fix_options={"clip_gradients": {"mode": "autoclip", "percentile": 50.0}}, verbose=False)
+    trainer = _trainer(tmp_path, callback)
+    trainer.fit(model)
+    assert [e.action for e in callback.auto_fix_events] == ["nothing", "clipping"]
+    total = callback.to_dataframe().query("layer == '(total)' and metric == 'grad_norm'").set_index("step")["value"]
+    # seeded with the norms the diagnosis saw, then each step's pre-clip norm: the median of steps 0..7
+    assert trainer.gradient_clip_val == pytest.approx(float(total.median()), rel=1e-4)
+    assert model.stepped_norms[6] == pytest.approx(min(total[6], float(total.loc[:6].median())), rel=1e-3)
 
 
 def test_clipping_is_refused_with_a_reason_where_lightning_cannot_clip(tmp_path: Path) -> None:
