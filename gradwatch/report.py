@@ -19,12 +19,18 @@ def _frac(x: float) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.0%}"
 
 
+def _evidence_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return repr(value)
+
+
 def _finding_lines(f: Finding) -> list[str]:
     layers = ", ".join(f.layers[:8]) + (f" (+{len(f.layers) - 8} more)" if len(f.layers) > 8 else "")
     lines = [f"[{f.severity.upper()}] {f.kind}: {f.message}", f"    layers: {layers}"]
     keys = [k for k in f.evidence if not isinstance(f.evidence[k], dict | list)]
     if keys:
-        lines.append("    evidence: " + ", ".join(f"{k}={f.evidence[k]!r}" for k in keys))
+        lines.append("    evidence: " + ", ".join(f"{k}={_evidence_value(f.evidence[k])}" for k in keys))
     for i, fix in enumerate(f.fixes):
         reason = f.reasons[i] if i < len(f.reasons) and f.reasons[i] else ""
         lines.append(f"    fix {i + 1}: {fix}" + (f" - {reason}" if reason else ""))
