@@ -651,7 +651,7 @@ class GradWatchCallback(Callback):
             rank_zero_info("gradwatch: loading a checkpoint: this run's preflight changes were undone (the "
                            "checkpoint's record decides the model's structure)")
         try:
-            states = _fixes.gradwatch_states(_fixes.read_checkpoint(path, trainer), self.state_key)
+            states = _fixes.gradwatch_states(_fixes.read_checkpoint(path, trainer, trusted=True), self.state_key)
         except Exception as exc:  # Lightning has read it; if it needs a replay its strict load will say so
             rank_zero_warn(f"gradwatch: could not read the fix record of {path} ({type(exc).__name__}: {exc}); "
                            "a model changed by gradwatch's fixes will not load its weights")
@@ -923,6 +923,8 @@ def replay_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike[str]
 
     Raises:
         RuntimeError: a record does not fit the model.
+        pickle.UnpicklingError: the file holds objects ``torch.load(weights_only=True)`` refuses; pass
+            the contents loaded the way you trust instead of the path.
 
     Example::
 

@@ -344,20 +344,24 @@ def replay_records(module: nn.Module, records: Iterable[dict[str, Any]]) -> list
     return ops
 
 
-def read_checkpoint(path: str | os.PathLike[str], trainer: Trainer | None = None) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike[str], trainer: Trainer | None = None, trusted: bool = False) -> dict[str, Any]:
     """A Lightning checkpoint's contents; a local file is memory-mapped, so its tensors are not read.
 
     A directory (a sharded/distributed checkpoint) gives its ``meta.pt`` (where Lightning keeps the
     callback states), or ``{}``. Remote paths and custom checkpoint IO go through the Trainer's
-    ``checkpoint_io`` (Lightning's ``TorchCheckpointIO`` without a Trainer).
+    ``checkpoint_io`` (Lightning's ``TorchCheckpointIO`` without a Trainer). Local files are read
+    with ``weights_only=True``; only a ``trusted`` one (Lightning has just loaded it in this run)
+    falls back to full unpickling when that refuses its contents.
     """
     if os.path.isdir(path):
         meta = os.path.join(path, "meta.pt")
-        return read_checkpoint(meta, trainer) if os.path.isfile(meta) else {}
+        return read_checkpoint(meta, trainer, trusted) if os.path.isfile(meta) else {}
     if os.path.isfile(path):
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception:
+            if not trusted:
+                raise
             # Objects weights_only refuses (or an old, non-zip file): the run loading this checkpoint has
             # just loaded it with Lightning, so it accepted them already.
             return torch.load(path, map_location="cpu", weights_only=False)
