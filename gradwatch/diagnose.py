@@ -162,7 +162,7 @@ class _Context:
 
 def _loss_improvement(view: HistoryView) -> float | None:
     """Relative drop of the loss from the run's start to the recent window (None when unknown)."""
-    start = view.context.get("initial_loss")
+    start = view.initial_loss
     loss = view.loss[np.isfinite(view.loss)] if len(view.loss) else view.loss
     if start is None or not math.isfinite(start) or start <= 0 or not len(loss):
         return None

@@ -123,6 +123,9 @@ class Diagnosis:
     steps: tuple[int, int] | None = None
     notes: tuple[str, ...] = ()
     structure: dict[str, Any] = field(default_factory=dict)
+    #: copy-pasteable code applying the recommended fixes to the user's own model (a dry run of
+    #: :func:`gradwatch.apply_fixes`; filled when the diagnosis comes from a live watcher).
+    code: str = ""
 
     @property
     def healthy(self) -> bool:

@@ -77,6 +77,8 @@ class HistoryView:
     #: the weights) and its step; layers whose weights were near zero at the time are left out.
     peak_update_ratio: np.ndarray | None = None
     peak_update_step: np.ndarray | None = None
+    #: median loss of the run's first (up to 10) recorded steps: where learning started from
+    initial_loss: float | None = None
 
     def metric(self, name: str) -> np.ndarray:
         """``[steps, layers]`` array of one gradient metric."""
@@ -135,6 +137,8 @@ class HistoryView:
                     tn[i] = value
                 elif metric == "loss":
                     loss[i] = value
+        finite_loss = loss[np.isfinite(loss)]
+        initial_loss = float(np.median(finite_loss[:10])) if len(finite_loss) else None
         sig_rows = rest[rest["metric"].isin(LAYER_SIGNAL_METRICS + ACT_METRICS)] if len(rest) else rest
         sample_steps = np.array(sorted(set(sig_rows["step"].astype(int))) if len(sig_rows) else [], dtype=np.int64)
         act = np.full((len(sample_steps), len(act_names), len(ACT_METRICS)), np.nan, dtype=np.float32)
@@ -158,6 +162,7 @@ class HistoryView:
                 t = int(np.argmax(bad.any(axis=1)))
                 first_nf = (int(steps[t]), [layer_names[i] for i in np.flatnonzero(bad[t])])
         return cls(
+            initial_loss=initial_loss,
             layers=layer_names,
             layer_meta=[replace(layer_meta[n], depth=i) if layer_meta and n in layer_meta else LayerMeta(depth=i)
                         for i, n in enumerate(layer_names)],
@@ -346,7 +351,6 @@ class History:
         self._summary.add(step, record)
         if math.isfinite(loss) and len(self._first_losses) < 10:
             self._first_losses.append(float(loss))
-            self.context["initial_loss"] = float(np.median(self._first_losses))
         gtw = record[:, GRAD_METRICS.index("grad_to_weight")].astype(np.float64)
         higher = np.isfinite(gtw) & ~(gtw <= self._peak)  # NaN peaks are replaced by any finite value
         self._peak[higher] = gtw[higher]
@@ -433,6 +437,7 @@ class History:
             first_nonfinite=self.first_nonfinite,
             peak_grad_to_weight=self._peak[order].copy() if len(self._peak) >= len(self.layers) else None,
             peak_step=self._peak_step[order].copy() if len(self._peak_step) >= len(self.layers) else None,
+            initial_loss=float(np.median(self._first_losses)) if self._first_losses else None,
             peak_update_ratio=self._peak_upd[order].copy() if len(self._peak_upd) >= len(self.layers) else None,
             peak_update_step=self._peak_upd_step[order].copy() if len(self._peak_upd_step) >= len(self.layers) else None,
             nonfinite_steps=self.nonfinite_steps,

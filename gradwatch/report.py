@@ -50,6 +50,9 @@ def render_report(diagnosis: Diagnosis, max_layers: int = 60) -> str:
         lines.extend(_finding_lines(f))
     for note in d.notes:
         lines.append(f"note: {note}")
+    if d.code:
+        lines.append("suggested code (gradwatch.apply_fixes(model, diagnosis, dry_run=True).code):")
+        lines.extend(f"    {line}" for line in d.code.splitlines())
     if d.layers:
         lines.append("")
         header = f"{'#':>3}  {'layer':<28} {'type':<14} {'grad_norm':>10} {'mean|g|':>10} {'max|g|':>10} {'grad/w':>10} {'dead':>5} {'sat':>5}  flags"

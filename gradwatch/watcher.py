@@ -458,7 +458,23 @@ class GradWatcher:
         th = thresholds or self.thresholds
         view = self.history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
                                  active_only=True)
-        return run_diagnosis(view, th, structure=self.structure)
+        diag = run_diagnosis(view, th, structure=self.structure)
+        return self._with_code(diag)
+
+    def _with_code(self, diag: Diagnosis) -> Diagnosis:
+        """Attach the recommendation as copy-pasteable code (a dry run: nothing changes)."""
+        if diag.healthy or not self.structure:
+            return diag
+        try:
+            from dataclasses import replace
+
+            from gradwatch.fixes import apply_fixes
+
+            plan = apply_fixes(self.model, diag, dry_run=True)
+            return replace(diag, code=plan.code)
+        except Exception as exc:  # the recommendation text must never break a diagnosis
+            log.debug("gradwatch: could not render fix code: %s", exc)
+            return diag
 
     def _diagnose_and_publish(self, step: int) -> Diagnosis:
         diag = self.diagnose()

@@ -301,7 +301,7 @@ def test_a_forgetting_rnn_that_learns_its_task_is_a_note_not_a_finding() -> None
     v = view([0.01] * 3, types=["RNN", "Linear", "Linear"], act_rms=[1.0] * 3)
     v.signal[:, 0, 2] = 6.0  # the gradient reaching the first time steps is 1e-6 of the last
     assert diagnose(v).by_kind("vanishing")[0].fixes == ("lstm_gru",)  # no loss known: reported
-    v.context["initial_loss"] = 0.69
+    v.initial_loss = 0.69
     v.loss = np.full(len(v.steps), 0.68)  # stuck at chance: reported
     assert "vanishing" in diagnose(v).kinds()
     v.loss = np.full(len(v.steps), 0.05)  # learnt the task: only a note
