@@ -222,7 +222,18 @@ def depth_order(layers: list[LayerInfo], forward_order: list[str] | None) -> lis
     """
     if not forward_order:
         return list(layers)
-    rank = {name: i for i, name in enumerate(forward_order)}
+    rank: dict[str, float] = {name: float(i) for i, name in enumerate(forward_order)}
+    for layer in layers:
+        if layer.name in rank:
+            continue
+        # a submodule whose weights its parent uses directly (nn.MultiheadAttention's out_proj) never
+        # "runs" itself: place it right after the nearest ancestor that did
+        parts = layer.name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            ancestor = ".".join(parts[:cut])
+            if ancestor in rank:
+                rank[layer.name] = rank[ancestor] + 0.5
+                break
     ran = [layer for layer in layers if layer.name in rank]
     not_ran = [layer for layer in layers if layer.name not in rank]
     ran.sort(key=lambda layer: rank[layer.name])

@@ -63,3 +63,11 @@ def test_unwrap_compiled_module() -> None:
     model = nn.Linear(2, 2)
     compiled = torch.compile(model)
     assert unwrap_model(compiled) is model
+
+
+def test_submodules_used_by_their_parent_directly_sit_next_to_it() -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    rec = ForwardOrderRecorder(layer)
+    layer(torch.randn(2, 3, 8))
+    names = [x.name for x in depth_order(discover_layers(layer), rec.order)]
+    assert names.index("self_attn.out_proj") == names.index("self_attn") + 1
