@@ -148,6 +148,11 @@ class AutoFixer:
                 f"{c.fix}: {c.reason}" for c in report.changes if c.status == "refused")[:500], report)
             return
         w.relayer()
+        # the gradients of this step were computed for the model before the fix: let the step
+        # that follows skip its update (optimizers skip parameters whose grad is None) rather than
+        # apply stale gradients to re-initialised or new weights
+        for p in w.model.parameters():
+            p.grad = None
         self._applied_at = w.collected + 1
         self.state = "verifying"
         self.model_changed(step, "applied", report)

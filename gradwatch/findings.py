@@ -113,7 +113,8 @@ class Diagnosis:
         structure: what was seen of the model in a forward pass, as plain data:
             ``{"order": [module names in execution order],
             "input_shapes": {name: shape}, "output_shapes": {name: shape},
-            "types": {name: class name}, "activations": {activation name: feeding layer name}}``.
+            "types": {name: class name}, "activations": {activation name: feeding layer name},
+            "calls": {name: times it ran in the pass}}``.
             Empty when unknown (e.g. a diagnosis rebuilt from logs). Fixes use it to
             pick tensor layouts and shape-preserving blocks without guessing.
     """

@@ -427,6 +427,16 @@ class TensorBoardSink:
         except Exception as exc:
             self._failed("diagnosis text", exc)
 
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        """Free text under ``tag`` (e.g. what auto-fix did), shown in TensorBoard's TEXT tab."""
+        if self.closed or not self.text:
+            return
+        try:
+            if self._writable("text") is not None:
+                self.writer.add_text(self.prefix + tag, text, global_step=step)
+        except Exception as exc:
+            self._failed("text", exc)
+
     def write_figure(self, step: int | None = None) -> None:
         """Render the gradient-flow figure from the recent steps and log it as an image."""
         if step is None:

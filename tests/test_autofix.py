@@ -123,3 +123,19 @@ def test_auto_fix_needs_an_optimizer_and_known_names() -> None:
         gradwatch.watch(nn.Linear(2, 2), auto_fix=True)
     with pytest.raises(ValueError, match="unknown fix"):
         gradwatch.watch(nn.Linear(2, 2), optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), auto_fix=["magic"])
+
+
+def test_auto_fix_is_written_to_tensorboard_text(tmp_path) -> None:
+    model = mlp(nn.Sigmoid, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, optimizer=opt, log_dir=tmp_path, auto_fix=["insert_batchnorm"],
+                         auto_fix_probe_steps=10, auto_fix_verify_steps=10, on_error="raise") as w:
+        run(model, opt, w, 25)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(tmp_path.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    texts = acc.Tensors("gradwatch/auto_fix/text_summary")
+    assert [t.step for t in texts] == [9, 19]
+    assert b"applied" in texts[0].tensor_proto.string_val[0] and b"kept" in texts[1].tensor_proto.string_val[0]
