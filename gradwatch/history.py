@@ -198,7 +198,8 @@ class _Ring:
 
     def append(self, step: int, record: np.ndarray) -> None:
         i = self.count % self.capacity
-        self.data[i] = np.nan
+        if record.shape[0] != self.data.shape[1]:  # a shorter record: NaN in the columns it lacks
+            self.data[i] = np.nan
         self.data[i, : record.shape[0], ...] = record
         self.steps[i] = step
         self.count += 1
@@ -246,8 +247,9 @@ class _Summary:
             self.filled += 1
         i = self.filled - 1
         finite = np.isfinite(record)
-        self.sums[i, : record.shape[0]] += np.where(finite, record, 0.0)
-        self.counts[i, : record.shape[0]] += finite
+        k = record.shape[0]
+        self.sums[i, :k] += np.where(finite, record, np.float32(0))  # float32 where, float64 sum
+        self.counts[i, :k] += finite
         self.last[i] = step
         self._in_block = (self._in_block + 1) % self.block
 
@@ -309,6 +311,7 @@ class History:
         self._peak_upd_step = np.zeros(0, dtype=np.int64)
         self._last_wnorm = np.zeros(0)
         self._first_losses: list[float] = []
+        self._columns_cache: tuple[list[int], int, int, bool] | None = None
         self._peak_step = np.zeros(0, dtype=np.int64)
         self.nonfinite_steps = 0
         self.total_steps = 0
@@ -351,10 +354,15 @@ class History:
         self, step: int, columns: list[int], values: np.ndarray, total_norm: float, loss: float = math.nan
     ) -> None:
         """Record one collected step: ``values[i]`` (GRAD_METRICS order) belongs to column ``columns[i]``."""
-        record = np.full((len(self.layers), len(GRAD_METRICS)), np.nan, dtype=np.float32)
-        record[columns] = values
+        with np.errstate(over="ignore"):  # beyond float32's range a statistic is stored as inf
+            if self._identity_columns(columns):
+                record = values.astype(np.float32)  # the usual case: one row per layer, in column order
+            else:
+                record = np.full((len(self.layers), len(GRAD_METRICS)), np.nan, dtype=np.float32)
+                record[columns] = values
+            scalars = np.array([total_norm, loss], dtype=np.float32)
         self._grad.append(step, record)
-        self._scalars.append(step, np.array([total_norm, loss], dtype=np.float32))
+        self._scalars.append(step, scalars)
         self._summary.add(step, record)
         if math.isfinite(loss) and len(self._first_losses) < 10:
             self._first_losses.append(float(loss))
@@ -364,11 +372,20 @@ class History:
         self._peak_step[higher] = step
         self._track_update_peaks(step, record)
         self.total_steps += 1
-        nf = np.nan_to_num(values[:, GRAD_METRICS.index("nonfinite")]) > 0
+        nf = values[:, _NONFINITE] > 0  # NaN (not measured) is not > 0
         if nf.any():
             self.nonfinite_steps += 1
             if self.first_nonfinite is None:
                 self.first_nonfinite = (step, [self.layers[columns[i]] for i in np.flatnonzero(nf)])
+
+    def _identity_columns(self, columns: list[int]) -> bool:
+        """Whether ``columns`` is ``0 .. len(layers) - 1`` in order; remembered for the list object the
+        caller passes every step (the watcher's), so it is checked once per layer registration."""
+        cache = self._columns_cache
+        if cache is None or cache[0] is not columns or cache[1] != len(columns) or cache[2] != len(self.layers):
+            same = len(columns) == len(self.layers) and all(c == i for i, c in enumerate(columns))
+            cache = self._columns_cache = (columns, len(columns), len(self.layers), same)
+        return cache[3]
 
     def _track_update_peaks(self, step: int, record: np.ndarray) -> None:
         upd = record[:, GRAD_METRICS.index("update_ratio")].astype(np.float64)
@@ -631,6 +648,7 @@ class History:
 
 
 _STATE_VERSION = 1
+_NONFINITE = GRAD_METRICS.index("nonfinite")
 
 
 def _meta(cls: type, data: dict[str, Any] | None) -> Any:
