@@ -310,6 +310,7 @@ class History:
         self._peak_upd = np.zeros(0)
         self._peak_upd_step = np.zeros(0, dtype=np.int64)
         self._last_wnorm = np.zeros(0)
+        self._fan_numel: tuple[np.ndarray, np.ndarray] | None = None
         self._first_losses: list[float] = []
         self._columns_cache: tuple[list[int], int, int, bool] | None = None
         self._peak_step = np.zeros(0, dtype=np.int64)
@@ -336,6 +337,7 @@ class History:
             self._peak_upd_step = np.concatenate([self._peak_upd_step, np.zeros(extra, dtype=np.int64)])
             self._last_wnorm = np.concatenate([self._last_wnorm, np.full(extra, np.nan)])
         self._active_layers = set(names)
+        self._fan_numel = None  # layer metadata may have changed
         index = {name: i for i, name in enumerate(self.layers)}
         return [index[name] for name in names]
 
@@ -393,8 +395,12 @@ class History:
             # weights near zero (a zero-initialised head, a LoRA B) make any update look huge:
             # only count layers whose weights were at least a tenth of the 1/sqrt(fan_in) scale
             n = len(self.layers)
-            fan = np.array([self.layer_meta[name].fan_in or 0 for name in self.layers], dtype=np.float64)
-            numel = np.array([max(1, self.layer_meta[name].numel) for name in self.layers], dtype=np.float64)
+            if self._fan_numel is None or len(self._fan_numel[0]) != n:  # per layer registration, not per step
+                self._fan_numel = (
+                    np.array([self.layer_meta[name].fan_in or 0 for name in self.layers], dtype=np.float64),
+                    np.array([max(1, self.layer_meta[name].numel) for name in self.layers], dtype=np.float64),
+                )
+            fan, numel = self._fan_numel
             with np.errstate(divide="ignore", invalid="ignore"):
                 rms = self._last_wnorm[:n] / np.sqrt(numel)
                 big_enough = (fan == 0) | (rms >= 0.1 / np.sqrt(np.where(fan > 0, fan, 1.0)))
