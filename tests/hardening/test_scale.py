@@ -1,0 +1,180 @@
+"""Bounded memory over a very long run, and models with thousands of layers.
+
+Memory: 1,000,000 collected steps of a 500-layer model (plus 500 activations sampled every 50 steps)
+are fed straight into ``History.append_step`` / ``append_sample``; the history's buffers must stay
+exactly at the bound documented in :mod:`gradwatch.history` (about 35 MB for this model with the
+default capacities), and the process's resident memory must not grow while the steps go in.
+
+Scale: a 5,000-layer model is watched end to end (TensorBoard logs, histograms, diagnosis, figure),
+and the work of one collected step -- torch ops and Python calls, counted, not timed -- grows at most
+linearly from 500 to 5,000 layers (10x the parameters).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradwatch
+from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS
+from gradwatch.collect import GRAD_METRICS
+from gradwatch.history import ActivationMeta, History, LayerMeta
+
+LAYERS = 500
+STEPS = 1_000_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def documented_bound(layers: int, activations: int, capacity: int = 1000, sample_capacity: int = 200,
+                     slots: int = 256) -> int:
+    """The bound stated in gradwatch.history's docstring, term by term (float32 rings, int64 steps,
+    float64 summary sums and counts)."""
+    g = len(GRAD_METRICS)
+    return (capacity * (layers * g * 4 + 8)                                   # gradient ring
+            + capacity * (2 * 4 + 8)                                          # total norm, loss
+            + sample_capacity * (activations * len(ACT_METRICS) * 4 + 8)      # activation samples
+            + sample_capacity * (layers * len(LAYER_SIGNAL_METRICS) * 4 + 8)  # layer signals
+            + slots * (layers * g * 8 * 2 + 16))                              # long-term summary
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_a_million_steps_on_500_layers_stay_within_the_documented_bound() -> None:
+    rng = np.random.default_rng(0)
+    # 64 distinct step records, cycled (inputs are precomputed: the loop measures the history only);
+    # NaN = slow metrics not measured, with a few non-finite counts and infinities mixed in
+    block = 10.0 ** rng.uniform(-8, 2, (64, LAYERS, len(GRAD_METRICS)))
+    block[1::2, :, [1, 3, 5, 7]] = np.nan
+    block[:, :, GRAD_METRICS.index("nonfinite")] = 0.0
+    block[7, 3, GRAD_METRICS.index("nonfinite")] = 2.0
+    block[9, :, 0] = np.inf
+    acts = rng.random((8, LAYERS, len(ACT_METRICS))).astype(np.float32)
+    signal = rng.random((8, LAYERS, len(LAYER_SIGNAL_METRICS))).astype(np.float32)
+    total = rng.random(64)
+
+    before = rss_bytes()
+    h = History()
+    cols = h.register_layers([f"layer{i}" for i in range(LAYERS)], [LayerMeta("Linear", i, 64, 4096) for i in range(LAYERS)])
+    acols = h.register_activations([f"act{i}" for i in range(LAYERS)], [ActivationMeta("relu", "ReLU", i) for i in range(LAYERS)])
+    bound = documented_bound(LAYERS, LAYERS)
+    assert h.nbytes == bound  # preallocated: the bound is what a watcher holds from its first step
+    registered = rss_bytes()
+    warm = 300_000
+    for s in range(STEPS):
+        if s == warm:  # the rings have wrapped and the summary merged many times: memory is at its plateau
+            plateau = rss_bytes()
+        h.append_step(s, cols, block[s & 63], total[s & 63], 0.5)
+        if s % 50 == 0:
+            h.append_sample(s, acols, acts[s & 7], cols, signal[s & 7])
+    after = rss_bytes()
+
+    assert h.nbytes == bound
+    at_creation, during_steps, steady = registered - before, after - registered, after - plateau
+    print(f"\nhistory of {LAYERS} layers x {STEPS:,} steps: {h.nbytes:,} bytes (documented bound {bound:,}); "
+          f"RSS +{at_creation / 2**20:.1f} MiB at layer registration, +{during_steps / 2**20:.2f} MiB over the "
+          f"{STEPS:,} steps, +{steady / 2**20:.2f} MiB over the last {STEPS - warm:,}")
+    # registration: the buffers, plus what the allocator keeps of the temporaries that grew them
+    assert at_creation <= bound * 1.5
+    assert during_steps <= 4 * 2**20   # nothing per step: ring wraps and summary merges are in place
+    assert steady <= 2**20
+    # and it still covers the whole run
+    assert h.total_steps == STEPS and h.nonfinite_steps == STEPS // 64 + (1 if STEPS % 64 > 7 else 0)
+    first, last, _ = h._summary.means()
+    assert first[0] == 0 and last[-1] == STEPS - 1 and len(first) <= 256
+    v = h.view(last=50)
+    assert v.steps.tolist() == list(range(STEPS - 50, STEPS))
+    assert gradwatch.diagnose(v) is not None
+    df = h.to_dataframe(include_long_term=True)
+    assert df.step.max() == STEPS - 1 and df.step.min() < 10_000
+
+
+# -- thousands of layers -------------------------------------------------------------------------------
+class Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def deep(layers: int, width: int = 8) -> nn.Sequential:
+    torch.manual_seed(0)
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods.append(nn.Linear(width, width))
+        if i % 2:
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods)
+
+
+def watched_steps(model: nn.Module, log_dir: Path, measure_step: int | None = None, steps: int = 3):
+    """Train ``steps`` steps watched; step ``measure_step`` (collected, slow, activation-sampled) is counted:
+    returns (watcher, torch ops, Python calls) of that ``watcher.step()``."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    watcher = gradwatch.watch(model, log_dir=log_dir, slow_stats_every_n=2, activation_every_n_steps=2,
+                              histogram_every_n_steps=3, diagnose_every_n_steps=0, figure_every_n_steps=0,
+                              on_error="raise")
+    ops, calls = Ops(), 0
+
+    def count(frame, event, arg) -> None:  # noqa: ANN001
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    for step in range(steps):  # step 0 records depth, builds plans and writes histograms; step 2 is like it
+        F.mse_loss(model(x), y).backward()
+        if step == measure_step:
+            sys.setprofile(count)
+            try:
+                with ops:
+                    watcher.step()
+            finally:
+                sys.setprofile(None)
+        else:
+            watcher.step()
+        opt.step()
+        opt.zero_grad()
+    assert watcher.error is None
+    return watcher, ops.ops, calls
+
+@pytest.mark.slow
+def test_5000_layers_work_and_step_cost_grows_at_most_linearly(tmp_path: Path) -> None:
+    small, big = deep(500), deep(5000)
+    factor = sum(p.numel() for p in big.parameters()) / sum(p.numel() for p in small.parameters())
+    assert factor == pytest.approx(10.0)
+    w_small, ops_small, calls_small = watched_steps(small, tmp_path / "small", measure_step=2)
+    w_small.close()
+    watcher, ops_big, calls_big = watched_steps(big, tmp_path / "big", measure_step=2)
+    print(f"\none collected step, 500 -> 5000 layers: torch ops {ops_small} -> {ops_big}, "
+          f"Python calls {calls_small} -> {calls_big}")
+    assert ops_big <= ops_small * factor * 1.1
+    assert calls_big <= calls_small * factor * 1.1
+
+    # the 5000-layer run end to end: history, diagnosis, logs with histograms and the figure at close
+    d = watcher.diagnose()
+    watcher.close()
+    linears = [name for name, m in big.named_modules() if isinstance(m, nn.Linear)]
+    assert [r.name for r in d.layers] == linears and len(linears) == 5000
+    assert watcher.history.view().grad.shape == (3, 5000, len(GRAD_METRICS))
+    from gradwatch.logs import read_run
+
+    run = read_run(tmp_path / "big")
+    assert run.problems == [] and len(run.meta["layers"]) == 5000 and run.image_steps
+    # every layer's value histogram (the log10|g| one only where some gradient is non-zero: at 5000
+    # plain Linear layers the early layers' gradients underflow to exactly zero)
+    assert sum(t.startswith("grad_hist/") for t in run.histogram_tags) == 5000
