@@ -520,14 +520,18 @@ class GradWatchCallback(Callback):
     # -- reporting -----------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.watcher is None or not self.watcher.history.total_steps:
+        if self.watcher is None:
             return
-        diag = self.diagnose()
-        if self.verbose and diag.signature() != self._printed_signature:
-            self._printed_signature = diag.signature()
-            rank_zero_info(f"gradwatch diagnosis after epoch {trainer.current_epoch} (step {trainer.global_step}):\n{diag}")
-        if self.fail_on:  # on every rank: the decision is reduced across ranks
-            self._raise(trainer, diag, int(trainer.global_step), bool(self._failing(diag)))
+        diag = None
+        if self.watcher.history.total_steps:
+            diag = self.diagnose()
+            if self.verbose and diag.signature() != self._printed_signature:
+                self._printed_signature = diag.signature()
+                rank_zero_info(f"gradwatch diagnosis after epoch {trainer.current_epoch} (step {trainer.global_step}):\n{diag}")
+        if self.fail_on:
+            # on every rank, whether or not it recorded anything (its watcher may have detached): the
+            # decision is a collective, and a rank that skipped it would leave the others waiting in it
+            self._raise(trainer, diag, int(trainer.global_step), bool(diag is not None and self._failing(diag)))
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
