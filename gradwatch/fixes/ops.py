@@ -25,10 +25,12 @@ applied; replay refuses a model where something else is there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradwatch.fixes import paths
@@ -96,7 +98,7 @@ def validate(op: Any) -> None:
     if not isinstance(op, dict):
         raise RecordError(f"an op must be a dict, got {type(op).__name__}")
     name = op.get("op")
-    if name not in _REQUIRED:
+    if not isinstance(name, str) or name not in _REQUIRED:
         raise RecordError(f"unknown op {name!r}; allowed: {OP_NAMES}")
     for key, types in _REQUIRED[name].items():
         if key not in op:
@@ -108,8 +110,19 @@ def validate(op: Any) -> None:
         raise RecordError(f"op {name!r}: path {op['path']!r} must name a submodule, not the model")
     if name == "replace_activation" and op["new"] not in ACTIVATIONS:
         raise RecordError(f"replace_activation: new={op['new']!r}; allowed: {tuple(ACTIVATIONS)}")
-    if name == "wrap_norm" and op["norm"] not in NORMS:
-        raise RecordError(f"wrap_norm: norm={op['norm']!r}; allowed: {tuple(NORMS)}")
+    if name == "replace_activation":
+        for key, value in op["kwargs"].items():
+            if not isinstance(key, str) or not (value is None or isinstance(value, bool | str) or _finite(value)):
+                raise RecordError(f"replace_activation: kwargs {key!r}={value!r} must be a finite number, bool or string")
+    if name == "wrap_norm":
+        if op["norm"] not in NORMS:
+            raise RecordError(f"wrap_norm: norm={op['norm']!r}; allowed: {tuple(NORMS)}")
+        _check_number(name, "num_features", op["num_features"], low=1, integer=True)
+        _check_number(name, "eps", op["eps"], low=0, open_low=True)
+        if op["momentum"] is not None:
+            _check_number(name, "momentum", op["momentum"], low=0, high=1)
+    if name == "wrap_residual":
+        _check_number(name, "alpha_init", op["alpha_init"])
     if name == "wrap_residual":
         span = op["span"]
         if not span or not all(isinstance(p, str) and p for p in span) or span[0] != op["path"]:
@@ -121,6 +134,31 @@ def validate(op: Any) -> None:
         extra = [k for k in op["config"] if k not in RNN_CONFIG_KEYS]
         if missing or extra:
             raise RecordError(f"swap_rnn: config keys missing {missing}, unknown {extra}; expected {RNN_CONFIG_KEYS}")
+        config = op["config"]
+        for key in ("input_size", "hidden_size", "num_layers"):
+            _check_number(name, f"config.{key}", config[key], low=1, integer=True)
+        for key in ("bias", "batch_first", "bidirectional"):
+            if not isinstance(config[key], bool):
+                raise RecordError(f"swap_rnn: config.{key}={config[key]!r} must be true or false")
+        _check_number(name, "config.dropout", config["dropout"], low=0, high=1)
+        if op["gate_bias"] is not None:
+            _check_number(name, "gate_bias", op["gate_bias"])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(op: str, key: str, value: Any, low: float | None = None, high: float | None = None,
+                  integer: bool = False, open_low: bool = False) -> None:
+    """A record's number must be finite (JSON allows NaN and Infinity), of the right kind and in range."""
+    if not _finite(value) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a finite number"
+        raise RecordError(f"{op}: {key}={value!r} must be {kind}")
+    if low is not None and (value < low or (open_low and value == low)):
+        raise RecordError(f"{op}: {key}={value!r} must be {'>' if open_low else '>='} {low}")
+    if high is not None and value > high:
+        raise RecordError(f"{op}: {key}={value!r} must be <= {high}")
 
 
 def renames_of(op: dict[str, Any]) -> dict[str, str]:
@@ -164,8 +202,16 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
     if name == "replace_activation":
         _check_expect(op, type(target).__name__)
         new = ACTIVATIONS[op["new"]](**op["kwargs"])
+        try:  # arguments the constructor stores without checking fail on first use: use it once here
+            new(torch.zeros(2))
+        except Exception as err:
+            raise RecordError(f"replace_activation: {op['new']}(**{op['kwargs']!r}) does not work: {err}") from None
     elif name == "wrap_norm":
         _check_expect(op, type(target).__name__)
+        features = getattr(target, "out_features", None) or getattr(target, "out_channels", None)
+        if isinstance(features, int) and op["num_features"] != features:
+            raise RecordError(f"wrap_norm at {path!r}: num_features={op['num_features']} but the "
+                              f"{type(target).__name__} there has {features} output features")
         norm_cls = NORMS[op["norm"]]
         norm = norm_cls(op["num_features"], eps=op["eps"], momentum=op["momentum"], **_factory(target))
         new = nn.Sequential(target, norm)
@@ -192,6 +238,10 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
     elif name == "swap_rnn":
         _check_expect(op, type(target).__name__)
         config = dict(op["config"])
+        differs = {k: (v, getattr(target, k)) for k, v in config.items() if hasattr(target, k) and getattr(target, k) != v}
+        if differs:  # the swap keeps the recurrence's sizes and flags
+            raise RecordError(f"swap_rnn at {path!r}: config differs from the {type(target).__name__} there "
+                              f"(record, model): {differs}")
         if op["to"] == "gru":
             new = nn.GRU(**config, **_factory(target))
             if op["gate_bias"] is not None and new.bias:
