@@ -142,6 +142,40 @@ def window(view: HistoryView, last: int, last_samples: int) -> HistoryView:
     )
 
 
+_META_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "layers": {"name": (str,), "key": (str,), "type_name": (str,), "depth": (int,), "fan_in": (int, type(None)),
+               "numel": (int,), "recurrent": (bool,)},
+    "activations": {"name": (str,), "key": (str,), "kind": (str,), "type_name": (str,), "depth": (int,),
+                    "feeding_layer": (str, type(None)), "is_output": (bool,)},
+}
+_META_INTS = ("every_n_steps", "activation_every_n_steps", "slow_stats_every_n", "histogram_every_n_steps")
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with a run's logged metadata (it comes from a file: anything can be there), or ``None``."""
+    if not isinstance(meta, dict):
+        return f"a {type(meta).__name__}, not an object"
+    for key, spec in _META_FIELDS.items():
+        items = meta.get(key, [])
+        if not isinstance(items, list):
+            return f"{key!r} is a {type(items).__name__}, not a list"
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return f"{key}[{i}] has no name"
+            for field_name, types in spec.items():
+                value = item.get(field_name)
+                if field_name in item and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+                    return f"{key}[{i}].{field_name}={value!r}"
+    for key in _META_INTS:
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return f"{key}={value!r}"
+    for key, types in (("prefix", (str,)), ("context", (dict,)), ("thresholds", (dict,)), ("name", (str,))):
+        if meta.get(key) is not None and not isinstance(meta[key], types):
+            return f"{key}={meta[key]!r}"
+    return None
+
+
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in known})
@@ -226,6 +260,7 @@ class _Collector:
         self.texts: list[tuple[int, str]] = []
         self.histograms: set[str] = set()
         self.images: list[int] = []
+        self.unreadable_metas = 0
 
     def add(self, event: Any) -> None:
         if not event.HasField("summary"):
@@ -250,7 +285,7 @@ class _Collector:
             try:
                 self.metas.append((step, wall_time, json.loads(strings[0].decode("utf-8"))))
             except (ValueError, UnicodeDecodeError):
-                pass
+                self.unreadable_metas += 1
         elif value.tag.endswith(T.DIAGNOSIS_TAG + "/text_summary") and strings:
             self.texts.append((step, strings[0].decode("utf-8", "replace")))
         elif plugin == "scalars" and value.tensor.float_val:  # new-style scalar summaries
@@ -293,7 +328,14 @@ def read_run(path: str | os.PathLike[str], name: str | None = None) -> RunLog:
         elif count < check.records:
             problems.append(f"{f.name}: corrupted record (checksum mismatch) after {count} good records; TensorBoard stops "
                             f"reading this file there, so the {check.records - count} later records are lost")
+    if collector.unreadable_metas:
+        problems.append(f"{collector.unreadable_metas} gradwatch metadata record(s) are not valid UTF-8 JSON; ignored")
     meta = collector.metas[-1][2] if collector.metas else {}
+    malformed = _meta_problem(meta)
+    if malformed:  # written by something else, or damaged: read the scalars without it
+        problems.append(f"the run's gradwatch metadata is malformed ({malformed}); read without it, so layer types, "
+                        "depths and thresholds are unknown")
+        meta = {}
     frame = _frame(collector.scalars, meta)
     return RunLog(
         name=name if name is not None else run_dir.name,
