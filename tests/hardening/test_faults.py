@@ -281,9 +281,14 @@ def test_optimizer_step_skipped_by_the_amp_grad_scaler(tmp_path: Path, hooked: b
     readable(tmp_path, list(range(STEPS - 3 if hooked else STEPS)))
 
 
+#: float32 -> float64 -> bfloat16 -> (an accelerator and back, where there is one) -> .to("cpu") -> float32
+CONVERSIONS = (None, torch.float64, torch.bfloat16, *(("cuda", "cpu") if torch.cuda.is_available() else ()), "cpu",
+               torch.float32)
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["in-place", "new-parameters"])
 def test_model_converted_between_dtypes_and_moved_mid_run(tmp_path: Path, overwrite: bool) -> None:
-    """float32 -> float64 -> bfloat16 -> .to('cpu') -> float32 while watched: statistics stay right."""
+    """The model converted and moved while watched (``CONVERSIONS``): statistics stay right."""
     previous = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
     try:
@@ -293,14 +298,14 @@ def test_model_converted_between_dtypes_and_moved_mid_run(tmp_path: Path, overwr
         batch = vector_task()
         seen = []
         with gradwatch_records() as records:
-            for phase, convert in enumerate((None, torch.float64, torch.bfloat16, "cpu", torch.float32)):
+            for phase, convert in enumerate(CONVERSIONS):
                 if convert is not None:
                     model.to(convert)
-                dtype = next(model.parameters()).dtype
+                dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
                 opt_holder[:] = [torch.optim.SGD(model.parameters(), lr=0.05)]  # new parameters: a new optimizer
                 for step in range(3):
                     x, y = batch(step)
-                    loss = F.cross_entropy(model(x.to(dtype)), y)
+                    loss = F.cross_entropy(model(x.to(device, dtype)), y.to(device))
                     loss.backward()
                     watcher.step(loss)
                     ref = float(torch.linalg.vector_norm(torch.cat([p.grad.double().reshape(-1) for p in model[0].parameters()])))
@@ -310,10 +315,10 @@ def test_model_converted_between_dtypes_and_moved_mid_run(tmp_path: Path, overwr
                     opt_holder[0].zero_grad()
             watcher.close()
         assert watcher.error is None and not errors(records)
-        assert watcher.collected == 15
+        assert watcher.collected == 3 * len(CONVERSIONS)
         for phase, dtype, got, ref in seen:
             assert got == pytest.approx(ref, rel=1e-4), (phase, dtype)
-        readable(tmp_path, list(range(15)))
+        readable(tmp_path, list(range(3 * len(CONVERSIONS))))
         assert watcher.history.layers == ["0", "2", "4"]  # the same layers, not duplicated by the conversions
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(previous)

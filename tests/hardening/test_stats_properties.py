@@ -70,7 +70,13 @@ def param_st(draw: st.DrawFn) -> torch.Tensor:
     return flat.reshape(shape).to(dtype)
 
 
-layers_st = st.lists(st.lists(param_st(), min_size=1, max_size=3), min_size=1, max_size=3)
+#: every device available here; with several, a model's layers are spread over them (one host copy per device)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+layers_st = st.lists(
+    st.tuples(st.sampled_from(DEVICES), st.lists(param_st(), min_size=1, max_size=3)).map(
+        lambda dg: [g.to(dg[0]) for g in dg[1]]),
+    min_size=1, max_size=3,
+)
 
 
 class Holder(nn.Module):
@@ -82,14 +88,14 @@ class Holder(nn.Module):
         for group in grads:
             m = nn.Module()
             for j, g in enumerate(group):
-                p = nn.Parameter(torch.ones(g.shape, dtype=g.dtype))
+                p = nn.Parameter(torch.ones(g.shape, dtype=g.dtype, device=g.device))
                 p.grad = g.clone()
                 m.register_parameter(f"p{j}", p)
             self.layers.append(m)
 
 
 def reference(grads: list[torch.Tensor]) -> dict[str, float]:
-    g = torch.cat([x.detach().to(torch.float64).reshape(-1) for x in grads])
+    g = torch.cat([x.detach().cpu().to(torch.float64).reshape(-1) for x in grads])
     finite = g[torch.isfinite(g)]
     n = g.numel()
     return {
@@ -203,7 +209,7 @@ def test_the_watcher_records_the_same_statistics(grads: list[list[torch.Tensor]]
 
 # -- histograms --------------------------------------------------------------------------------------
 def _ref_histogram_input(tensors: list[torch.Tensor]) -> np.ndarray:
-    return np.concatenate([t.detach().to(torch.float64).reshape(-1).numpy() for t in tensors]) if tensors else np.zeros(0)
+    return np.concatenate([t.detach().cpu().to(torch.float64).reshape(-1).numpy() for t in tensors]) if tensors else np.zeros(0)
 
 
 def _bucket_of(v: float, limits: list[float]) -> int:
@@ -215,11 +221,12 @@ def _bucket_of(v: float, limits: list[float]) -> int:
 
 
 @PROFILE
-@given(st.lists(param_st(), min_size=1, max_size=3))
-@example([torch.tensor([math.nan, math.inf, -math.inf, 1.0, -1.0, 0.0, 2.0, -0.5])])
-@example([torch.tensor([1e300, -1e300, 1.0], dtype=torch.float64)])  # finite, beyond float32's range
-@example([torch.full((7,), math.nan)])
-def test_histograms_count_nonfinite_separately_and_bin_every_finite_value(tensors: list[torch.Tensor]) -> None:
+@given(st.lists(param_st(), min_size=1, max_size=3), st.sampled_from(DEVICES))
+@example([torch.tensor([math.nan, math.inf, -math.inf, 1.0, -1.0, 0.0, 2.0, -0.5])], "cpu")
+@example([torch.tensor([1e300, -1e300, 1.0], dtype=torch.float64)], "cpu")  # finite, beyond float32's range
+@example([torch.full((7,), math.nan)], "cpu")
+def test_histograms_count_nonfinite_separately_and_bin_every_finite_value(tensors: list[torch.Tensor], device: str) -> None:
+    tensors = [t.to(device) for t in tensors]
     (h,) = bin_on_device([tensors])
     x = _ref_histogram_input(tensors)
     if x.size == 0:
