@@ -132,6 +132,7 @@ def test_watcher_in_a_training_thread(tmp_path: Path) -> None:
 
 # -- two processes ------------------------------------------------------------------------------------
 def _run_ddp(mode: str, out: Path, timeout: float = 150) -> tuple[int, str, dict[int, dict]]:
+    pytest.importorskip("lightning")
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     start = time.monotonic()
@@ -155,6 +156,7 @@ def _gradwatch_errors(output: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_rank_one_raises_rank_zero_ends_promptly_with_a_clear_message(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
     from ddp_raise_script import FAIL_AT, TIMEOUT_S
 
     rc, output, ranks = _run_ddp("raise1", tmp_path)
@@ -173,6 +175,7 @@ def test_ddp_rank_one_raises_rank_zero_ends_promptly_with_a_clear_message(tmp_pa
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_rank_zero_raises_and_the_other_rank_does_not_hang(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
     from ddp_raise_script import FAIL_AT, TIMEOUT_S
 
     rc, output, ranks = _run_ddp("raise0", tmp_path)
