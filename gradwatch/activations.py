@@ -155,6 +155,27 @@ class ActivationSampler:
     def _root_done(self, module: nn.Module, args: tuple, output: object) -> None:
         self.disarm()
         self.captured = True
+        # until step() consumes this capture, a new forward means the batch failed before step():
+        # a one-shot pre-hook then drops the stale capture and samples that forward instead
+        self._remove_guard()
+        self._guard = self.model.register_forward_pre_hook(self._next_forward_before_step)
+
+    def _next_forward_before_step(self, module: nn.Module, args: tuple) -> None:
+        self._remove_guard()
+        if self.captured:
+            self.captured = False
+            self.arm()
+
+    def _remove_guard(self) -> None:
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.remove()
+            self._guard = None
+
+    def close(self) -> None:
+        """Remove every hook, the stale-capture guard included."""
+        self.disarm()
+        self._remove_guard()
 
     def _act_hook(self, name: str, kind: str) -> Callable:
         @torch.no_grad()
@@ -231,6 +252,7 @@ class ActivationSampler:
 
     def gather(self, device: torch.device) -> torch.Tensor | None:
         """Flat float32 tensor of all sampled values on ``device`` (NaN where nothing was seen)."""
+        self._remove_guard()
         if not self.captured:
             return None
         self.captured = False

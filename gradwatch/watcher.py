@@ -299,10 +299,16 @@ class GradWatcher:
         if call % self.every_n_steps:
             self._arm_for_next_call()
             return
+        index = self.collected
         try:
             self._collect(call if global_step is None else int(global_step), loss)
         except Exception as exc:
             self._fail(exc)
+        finally:
+            if self.collected == index and self.history.total_steps > index and not self.closed and self.error is None:
+                # interrupted (e.g. KeyboardInterrupt) after the step reached the history: keep the
+                # counters in line with it so cadences and the next sampled forward stay right
+                self._after_step(index)
 
     def _collect(self, step: int, loss: Any) -> None:
         index = self.collected
@@ -502,7 +508,7 @@ class GradWatcher:
         if self._recorder is not None:
             self._recorder.remove()
         if self._sampler is not None:
-            self._sampler.disarm()
+            self._sampler.close()
         self.collector._snapshot = None
 
     def close(self) -> None:

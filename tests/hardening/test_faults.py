@@ -121,9 +121,6 @@ def test_exception_skipped_by_the_loop_keeps_the_watcher_working(tmp_path: Path)
     readable(tmp_path, list(range(len(kept))))
 
 
-@pytest.mark.xfail(strict=True, reason="ActivationSampler/GradWatcher: a sampled forward whose step never reaches "
-                   "watcher.step() (the batch failed) leaves its capture pending and the sampler disarmed; the "
-                   "next forward is not sampled and the stale sample is recorded under the next collected step")
 def test_a_failed_batch_never_leaves_its_activation_sample_to_the_next_step() -> None:
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: only the inputs change act_rms
@@ -198,9 +195,6 @@ def test_keyboard_interrupt_inside_the_watcher_then_training_resumes(tmp_path: P
     assert scalar_steps(tmp_path)[-1] == int(v.steps[-1])
 
 
-@pytest.mark.xfail(strict=True, reason="GradWatcher._collect: an interrupt raised after the history append "
-                   "skips _after_step, so `collected` lags history.total_steps by one (cadences shift, the next "
-                   "sampled forward is not armed)")
 def test_keyboard_interrupt_inside_the_watcher_keeps_the_counters_consistent(tmp_path: Path) -> None:
     class InterruptAtStep2:
         def write_step(self, record: object) -> None:
