@@ -299,6 +299,8 @@ def component_variants(s: Setup) -> list[tuple[Runner, str | None]]:
     base = "gradwatch stats only"
     out.append((s.gradwatch(base, activations=False), None))
     out.append((s.gradwatch("slow-stat step (every step)", activations=False, slow_stats_every_n=1), base))
+    out.append((s.gradwatch("slow-stat step, no update ratio (every step)", activations=False, slow_stats_every_n=1,
+                            track_updates=False), base))
     out.append((s.gradwatch("activation-sample step (every step)", activation_every_n_steps=1), base))
     if tensorboard_available():
         tb = "gradwatch + TensorBoard, no histograms"
@@ -697,8 +699,11 @@ def main(argv: list[str] | None = None) -> int:
         for t in result["targets"]:
             print(f"  [{'met' if t['met'] else 'MISSED'}] {t['model']:<11} {t['target']:<62} {t['value']:+.4f}")
     result["total_s"] = time.perf_counter() - started
+    with contextlib.suppress(OSError):
+        result["machine"]["loadavg_end"] = os.getloadavg()  # other processes' load: > ~1.5 on 2 cores spoils timings
+    load = result["machine"].get("loadavg"), result["machine"].get("loadavg_end")
     print(f"\ntotal {result['total_s']:.0f} s; torch {torch.__version__}; {result['machine']['cpu']}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads; load average at start/end {load[0]} / {load[1]}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
