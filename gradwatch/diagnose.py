@@ -114,13 +114,46 @@ def depth_decay(logs: np.ndarray, min_layers: int) -> tuple[float, float, np.nda
 
 
 def _per_step_decay(logs: np.ndarray, min_layers: int, decades: float, min_rho: float, sign: float = 1.0) -> np.ndarray:
-    """Boolean per step: the depth decay (``sign=1``) or growth (``sign=-1``) condition holds."""
+    """Boolean per step: the depth decay (``sign=1``) or growth (``sign=-1``) condition holds.
+
+    Same decision as :func:`depth_decay` step by step, vectorised over the steps that share one
+    pattern of layers with data (usually all of them): a diagnosis looks at hundreds of steps."""
+    logs = sign * np.asarray(logs, dtype=np.float64)
     out = np.zeros(logs.shape[0], dtype=bool)
-    for t in range(logs.shape[0]):
-        r = depth_decay(sign * logs[t], min_layers)
-        if r is not None and r[0] >= decades and r[1] >= min_rho:
-            out[t] = True
+    if logs.size == 0:
+        return out
+    finite = np.isfinite(logs)
+    patterns, which = np.unique(finite, axis=0, return_inverse=True)
+    for p, mask in enumerate(patterns):
+        rows = np.flatnonzero(which.reshape(-1) == p)
+        idx = np.flatnonzero(mask)
+        if len(idx) < max(1, min_layers):
+            continue
+        vals = logs[np.ix_(rows, idx)]
+        variants = [_decay_rows(vals)]
+        if len(idx) > max(1, min_layers):
+            variants += [_decay_rows(vals[:, :-1]), _decay_rows(vals[:, 1:])]
+        dec = np.min([v[0] for v in variants], axis=0)
+        rho = np.min([v[1] for v in variants], axis=0)
+        out[rows] = (dec >= decades) & (rho >= min_rho)
     return out
+
+
+def _decay_rows(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise ``_decay_once`` (decades, rank correlation with depth) of a (steps, layers) block."""
+    k = vals.shape[1]
+    q = max(1, k // 4)
+    dec = np.median(vals[:, -q:], axis=1) - np.median(vals[:, :q], axis=1)
+    if k < 3:
+        return dec, np.zeros(len(vals))
+    rx = np.arange(k, dtype=float)  # depth indices are increasing: their ranks are 0..k-1
+    ry = np.argsort(np.argsort(vals, axis=1, kind="stable"), axis=1, kind="stable").astype(float)
+    rx -= rx.mean()
+    ry -= ry.mean(axis=1, keepdims=True)
+    denom = np.sqrt((rx**2).sum() * (ry**2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(denom > 0, (rx * ry).sum(axis=1) / denom, 0.0)
+    return dec, rho
 
 
 class _Context:

@@ -324,3 +324,24 @@ def test_one_update_larger_than_the_weights_is_an_explosion_even_long_ago() -> N
     assert "exploding" in diagnose(v).kinds()
     v.context = {"optimizer_scale_invariant": True, "lr": 0.1}  # Adam: a large gradient is not a large step
     assert "exploding" not in diagnose(v).kinds()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_step_decay_matches_depth_decay_step_by_step(seed: int) -> None:
+    """The vectorised per-step rule decides exactly as ``depth_decay`` applied to each step."""
+    from gradwatch.diagnose import _per_step_decay, depth_decay
+
+    rng = np.random.default_rng(seed)
+    steps, layers = 80, 3 + seed * 3
+    trend = np.linspace(-rng.uniform(0, 8), 0, layers) * (-1) ** seed  # decays and growths
+    logs = trend + rng.normal(0, 1.5, (steps, layers))
+    logs[rng.random((steps, layers)) < 0.1 * (seed % 3)] = np.nan  # a few patterns of missing layers
+    logs[rng.integers(0, steps, 3), :] = np.nan                      # steps without any data
+    for sign in (1.0, -1.0):
+        for min_layers in (0, 2, 4):
+            want = []
+            for t in range(steps):
+                r = depth_decay(sign * logs[t], min_layers)
+                want.append(r is not None and r[0] >= 3.0 and r[1] >= 0.5)
+            got = _per_step_decay(logs, min_layers, 3.0, 0.5, sign=sign)
+            assert got.tolist() == want
