@@ -1,9 +1,11 @@
 """Batched per-layer gradient statistics: a few fused passes over the gradients, one host copy per step.
 
-Every collected step computes, for every layer, the sum of squares (L2 norm) and the largest
-magnitude of its gradients; every ``slow`` step (the watcher's ``slow_stats_every_n`` cadence)
-adds the L1 norm (mean |g|), the count of exact zeros, the weight norm and, on the collected step
-after it, the size of the optimizer update. Per-parameter results are scattered into per-layer
+Every collected step computes, for every layer, the sum of squares of its gradients (the L2 norm,
+and finiteness for free) -- one read of the gradient memory, the floor for any per-layer statistic;
+every ``slow`` step (the watcher's ``slow_stats_every_n`` cadence) adds the largest magnitude, the
+L1 norm (mean |g|), the count of exact zeros, the weight norm and, on the collected step after it,
+the size of the optimizer update. (On CPU each of those is another read of the gradients or the
+weights: ``benchmarks/overhead.py`` measures a max |g| every step at +2 % of a deep MLP's step.) Per-parameter results are scattered into per-layer
 rows on the gradients' device (``index_add_``/``scatter_reduce_``) and the watcher copies that one
 small tensor to the host. Nothing syncs with the device before that copy.
 
@@ -25,7 +27,9 @@ Non-finite values do not poison the finite statistics: a NaN or Inf makes its la
 squares non-finite, which is how it is detected for free (a finite sum of squares proves every
 element finite); only then (a rare, already broken step) :meth:`GradientCollector._repair` counts
 the non-finite values and recomputes that layer's statistics over its finite values in float64,
-at the cost of extra host syncs. Sums of squares that overflow float32 take the same path.
+at the cost of extra host syncs. Sums of squares that overflow float32 take the same path, and so
+do those that underflow it (|g| < ~1e-19): between slow steps, where max |g| is not measured, an
+exact 0 counts as a zero gradient when the layer's last measured max |g| was 0 as well.
 
 Memory: nothing parameter-sized is allocated per step. With ``track_updates`` the collector keeps
 one persistent copy of the weights (allocated on the first slow step, reused, freed by the watcher's
@@ -161,6 +165,7 @@ class GradientCollector:
         self._plans: dict[tuple, _Plan] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._last_weight_norm = np.full(len(self.layers), math.nan)
+        self._last_max = np.full(len(self.layers), math.inf)  # max |g| of the last slow step (unknown: inf)
         #: per device, the weight copy for the update ratio; ``None`` frees them (the watcher's close)
         self._snapshot: dict[torch.device, _Snapshot] | None = None
         self._had_snapshot = False
@@ -273,11 +278,11 @@ class GradientCollector:
         key, plan = self._plan("grad", device, positions, grads, acc, odd)
         idx = plan.idx
         out = torch.zeros(_N_ROWS, self.n_layers, dtype=acc, device=device)
-        stats = self._reduce(plan, grads, full=True, extra=slow)
+        stats = self._reduce(plan, grads, full=slow, extra=slow)
         out[_SUMSQ].index_add_(0, idx, stats[0])
-        out[_MAX].scatter_reduce_(0, idx, stats[1], reduce="amax", include_self=True)
         out[_NUMEL] = plan.numel_row
         if slow:
+            out[_MAX].scatter_reduce_(0, idx, stats[1], reduce="amax", include_self=True)
             out[_L1].index_add_(0, idx, stats[2])
             out[_ZEROS] = plan.numel_row
             out[_ZEROS].index_add_(0, idx, stats[3], alpha=-1)
@@ -439,17 +444,21 @@ class GradientCollector:
             # a float32 sum of squares below 2**-100 has lost precision (the squares of |g| < 1e-19 are
             # subnormal, of |g| < 1e-23 zero): a layer of tiny non-zero gradients would read as "no
             # gradient" (grad_norm 0) exactly when gradients vanish; recompute those layers in float64
-            tiny = np.flatnonzero(present & (mx > 0) & (sumsq < _TINY_SUMSQ)).tolist()
+            # (an exact 0 is a zero gradient when the layer's last measured max |g| was 0 too)
+            nonzero = (mx > 0) if slow else ((sumsq > 0) | (self._last_max > 0))
+            tiny = np.flatnonzero(present & nonzero & (sumsq < _TINY_SUMSQ)).tolist()
             bad = sorted(set(bad).union(tiny)) if tiny else bad
         if bad:
             self._repair(rows, nonfinite, bad, slow)
+        if slow:
+            self._last_max = mx if everywhere else np.where(present, mx, self._last_max)
         values = np.full((n, len(GRAD_METRICS)), np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
             norm = np.sqrt(sumsq)
             values[:, G["grad_norm"]] = norm
-            values[:, G["grad_max_abs"]] = mx
             values[:, G["nonfinite"]] = nonfinite
             if slow:
+                values[:, G["grad_max_abs"]] = mx
                 numel = np.maximum(rows[_NUMEL], 1)
                 values[:, G["grad_mean_abs"]] = rows[_L1] / numel
                 values[:, G["grad_zero_frac"]] = rows[_ZEROS] / numel

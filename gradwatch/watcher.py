@@ -60,8 +60,10 @@ class GradWatcher:
             ``optimizer.step(closure)`` runs backward inside the step, after any pre-hook.
         log_dir: a directory path or an existing ``SummaryWriter``: TensorBoard output.
         every_n_steps: collect every n-th step (steps in between cost nothing).
-        slow_stats_every_n: mean |g|, zero fractions and weight norms run every n-th collected
-            step, update ratios on the step after (L2 norms, max |g| and finiteness run on every one).
+        slow_stats_every_n: max and mean |g|, zero fractions and weight norms run every n-th
+            collected step, update ratios on the step after (L2 norms, grad-to-weight ratios and
+            non-finite counts run on every one: they cost one read of the gradients). ``1`` measures
+            every statistic on every step.
         activations: measure activations (dead units, saturation, signal size) on sampled steps.
         activation_every_n_steps: sample activations every n-th collected step (the first always).
         histogram_every_n_steps: TensorBoard histogram cadence (collected steps; 0 = never).

@@ -164,3 +164,40 @@ def test_metric_names_are_stable() -> None:
         "grad_norm", "grad_mean_abs", "grad_max_abs", "grad_zero_frac", "nonfinite", "weight_norm",
         "grad_to_weight", "update_ratio",
     )
+
+
+def test_fast_steps_repair_tiny_gradients_but_not_known_zero_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between slow steps max |g| is not measured: a float32 sum of squares that underflowed is told
+    apart from an exactly-zero gradient by the layer's last measured max |g|."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[1].weight.grad.fill_(1e-30)  # squares underflow float32: the sum of squares reads 0
+    c = GradientCollector(discover_layers(model))
+    repaired: list[list[int]] = []
+    real = GradientCollector._repair
+
+    def spy(self: GradientCollector, rows, nonfinite, bad, slow):  # noqa: ANN001
+        repaired.append(list(bad))
+        return real(self, rows, nonfinite, bad, slow)
+
+    monkeypatch.setattr(GradientCollector, "_repair", spy)
+
+    def step(slow: bool) -> torch.Tensor:
+        partials = c.compute_on_device(slow=slow)
+        return c.finish(partials, [rows.cpu() for _, rows, _ in partials], slow=slow).values
+
+    first = step(slow=True)
+    assert repaired == [[1]]
+    assert first[1, G["grad_norm"]] == pytest.approx(4e-30, rel=1e-6)
+    assert first[0, G["grad_norm"]] == 0 and first[2, G["grad_norm"]] == 0
+    fast = step(slow=False)
+    assert repaired[-1] == [1]  # the tiny layer again, never the layers known to be exactly zero
+    assert fast[1, G["grad_norm"]] == pytest.approx(4e-30, rel=1e-6)
+    assert math.isnan(fast[1, G["grad_max_abs"]])
+    model[2].weight.grad.fill_(1e-30)  # a zero layer turns tiny between slow steps: still measured
+    fast = step(slow=False)
+    assert repaired[-1] == [1]
+    assert fast[2, G["grad_norm"]] == 0.0  # ...as 0 until the next slow step (documented)
+    slow = step(slow=True)
+    assert repaired[-1] == [1, 2] and slow[2, G["grad_norm"]] == pytest.approx(4e-30, rel=1e-6)

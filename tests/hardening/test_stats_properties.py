@@ -163,14 +163,15 @@ def test_statistics_equal_float64_brute_force(grads: list[list[torch.Tensor]]) -
 @PROFILE
 @given(layers_st)
 def test_fast_statistics_ignore_slow_ones_and_stay_exact(grads: list[list[torch.Tensor]]) -> None:
-    """A step that is not on the slow cadence computes norms, max and counts only (others NaN)."""
+    """A step that is not on the slow cadence computes norms and non-finite counts only (others NaN)."""
     values = collect(Holder(grads), slow=False)
     for i, group in enumerate(grads):
         ref = reference(group)
         wide = any(g.dtype == torch.float64 for g in group)
-        for metric in ("grad_norm", "grad_max_abs", "nonfinite"):
+        for metric in ("grad_norm", "nonfinite"):
             assert _close(metric, float(values[i, G[metric]]), ref, wide), (i, metric)
-        assert math.isnan(values[i, G["grad_mean_abs"]]) and math.isnan(values[i, G["grad_zero_frac"]])
+        for metric in ("grad_max_abs", "grad_mean_abs", "grad_zero_frac"):
+            assert math.isnan(values[i, G[metric]]), (i, metric)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None,
