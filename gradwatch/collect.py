@@ -165,6 +165,7 @@ class GradientCollector:
         self._plans: dict[tuple, _Plan] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._last_weight_norm = np.full(len(self.layers), math.nan)
+        self._inv_weight_norm: tuple[np.ndarray, np.ndarray] | None = None  # (weight norms, 1 / them) cache
         self._last_max = np.full(len(self.layers), math.inf)  # max |g| of the last slow step (unknown: inf)
         #: per device, the weight copy for the update ratio; ``None`` frees them (the watcher's close)
         self._snapshot: dict[torch.device, _Snapshot] | None = None
@@ -422,6 +423,10 @@ class GradientCollector:
     ) -> StepStats:
         """Combine per-device host copies into per-layer metrics (float64)."""
         n = self.n_layers
+        if len(host) == 1 and not slow and not self._had_snapshot:
+            fast = self._finish_fast(host[0])
+            if fast is not None:
+                return fast
         if len(host) == 1:
             rows = host[0].numpy().astype(np.float64)  # a copy: _repair may write into it
         else:
@@ -477,6 +482,28 @@ class GradientCollector:
         total = float(np.sqrt(sumsq[present].sum() if not everywhere else sumsq.sum())) if present.any() else math.nan
         return StepStats(values=torch.from_numpy(values), total_norm=total,
                          nonfinite_layers=np.flatnonzero(nonfinite).tolist() if bad else [])
+
+    def _finish_fast(self, host: torch.Tensor) -> StepStats | None:
+        """:meth:`finish` for the common step: one device, not a slow step, every layer with a
+        gradient, every sum of squares finite and large enough to be exact. ``None`` otherwise."""
+        rows = host.numpy()
+        numel, sumsq32 = rows[_NUMEL], rows[_SUMSQ]
+        if host.dtype != torch.float32 or not numel.all():
+            return None
+        total_sq = float(sumsq32.sum(dtype=np.float64))
+        if not math.isfinite(total_sq) or float(sumsq32.min()) < _TINY_SUMSQ:
+            return None
+        sumsq = sumsq32.astype(np.float64)
+        norm = np.sqrt(sumsq)
+        values = np.full((self.n_layers, len(GRAD_METRICS)), np.nan)
+        values[:, G["grad_norm"]] = norm
+        values[:, G["nonfinite"]] = 0.0
+        w = self._last_weight_norm
+        if self._inv_weight_norm is None or self._inv_weight_norm[0] is not w:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self._inv_weight_norm = (w, np.where(w > 0, 1.0 / w, np.nan))
+        values[:, G["grad_to_weight"]] = norm * self._inv_weight_norm[1]
+        return StepStats(values=torch.from_numpy(values), total_norm=math.sqrt(total_sq), nonfinite_layers=[])
 
     def _repair(self, rows: np.ndarray, nonfinite: np.ndarray, bad: list[int], slow: bool) -> None:
         """Slow path for layers whose reductions are non-finite: count, then recompute over finite values."""
