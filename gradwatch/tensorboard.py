@@ -6,7 +6,8 @@ its own with any watcher (``gradwatch.watch(model, sinks=[TensorBoardSink(writer
 
 What is written (tags: see :mod:`gradwatch.tags`; ``NN`` is the layer's zero-padded depth):
 
-- every collected step, as **one** event: ``<metric>/NN.<layer>`` for every gradient metric
+- every collected step, as **one** event (handed to the writer in batches of
+  ``write_every_n_steps``): ``<metric>/NN.<layer>`` for every gradient metric
   (``grad_norm``, ``grad_mean_abs``, ``grad_max_abs``, ``grad_zero_frac``, ``nonfinite``,
   ``weight_norm``, ``grad_to_weight``, ``update_ratio``; metrics not measured on a step are
   skipped), ``grad_norm/total``, ``loss/total`` and extra scalars such as ``clip_threshold/total``;
@@ -24,8 +25,12 @@ What is written (tags: see :mod:`gradwatch.tags`; ``NN`` is the layer's zero-pad
   rebuild the run and diagnose it exactly as the live watcher did.
 
 Nothing is lost: events go through the writer's queue and are flushed every ``flush_secs``; on
-``close()``; at interpreter exit (a weakly referenced ``atexit`` hook, also reached when training
-dies with an exception); a killed run leaves readable files up to the last flush.
+``flush()`` and ``close()``; at interpreter exit (a weakly referenced ``atexit`` hook, also reached
+when training dies with an exception); a killed run leaves readable files up to the last flush
+(and loses at most the last ``write_every_n_steps`` steps' scalars that were not handed over).
+
+Cost: a step's scalars are encoded straight into the serialized ``Event`` from cached per-tag
+bytes and queued as bytes (no protobuf objects on the training thread).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import json
 import logging
 import math
 import os
+import struct
+import time
 import weakref
 from collections import deque
 from dataclasses import asdict
@@ -103,6 +110,12 @@ def _value_prefix(tag: str) -> bytes:
     return b"\x0a" + _varint(len(inner) + 4) + inner
 
 
+def _event_bytes(summary: bytes, step: int, wall_time: float) -> bytes:
+    """A serialized ``Event`` (wall_time = 1, step = 2, summary = 5) around a serialized ``Summary``."""
+    return (b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(int(step) & 0xFFFFFFFFFFFFFFFF)
+            + b"\x2a" + _varint(len(summary)) + summary)
+
+
 def _histogram_values(tag: str, h: HistogramData | None) -> list[Summary.Value]:
     """A raw histogram as a summary value (what ``SummaryWriter.add_histogram_raw`` writes)."""
     if h is None:
@@ -146,6 +159,8 @@ class TensorBoardSink:
         fast_crc: compute the writer's record checksums with numpy instead of TensorBoard's
             byte-at-a-time Python loop (identical files, 5-30x less CPU in the writer thread;
             see :mod:`gradwatch.crc32c`). Applies to that writer only.
+        write_every_n_steps: steps' scalar events are kept and handed to the writer together
+            every n collected steps (and on :meth:`flush`/:meth:`close`); 1 = at once.
 
     Raises:
         TypeError: ``log_dir`` is neither a path nor a writer, or an option has the wrong type.
@@ -169,6 +184,7 @@ class TensorBoardSink:
         prefix: str = "",
         flush_secs: float = 10.0,
         fast_crc: bool = True,
+        write_every_n_steps: int = 10,
     ):
         if not isinstance(prefix, str) or (prefix and not prefix.endswith(("/", "_", "."))):
             raise ValueError(f"prefix must be a string ending in '/', '_' or '.' (e.g. 'gradwatch/'), got {prefix!r}")
@@ -176,6 +192,9 @@ class TensorBoardSink:
             isinstance(figure_every_n_steps, bool) or not isinstance(figure_every_n_steps, int) or figure_every_n_steps < 0
         ):
             raise ValueError(f"figure_every_n_steps must be an integer >= 0 (0 = only at close), got {figure_every_n_steps!r}")
+        if isinstance(write_every_n_steps, bool) or not isinstance(write_every_n_steps, int) or write_every_n_steps < 1:
+            raise ValueError(f"write_every_n_steps must be an integer >= 1 (1 = hand every step to the writer at once), "
+                             f"got {write_every_n_steps!r}")
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, int | float) or not flush_secs > 0:
             raise ValueError(f"flush_secs must be a positive number of seconds, got {flush_secs!r}")
         if isinstance(log_dir, str | os.PathLike):
@@ -207,8 +226,12 @@ class TensorBoardSink:
         self.prefix = prefix
         self.closed = False
         self.steps_written = 0
+        self.write_every_n_steps = write_every_n_steps
+        self._pending: list[bytes] = []  # serialized step events not yet handed to the writer
         self._warned: set[str] = set()
         self._table_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._table_lists: tuple[list[str], list[str], tuple[int, int]] | None = None
+        self._total_prefixes: dict[str, bytes] = {}
         self._layer_keys: dict[str, str] = {}
         self._act_keys: list[str] = []
         self._meta_context: dict[str, Any] | None = None
@@ -254,14 +277,26 @@ class TensorBoardSink:
     def _add_summary(self, values: list[Summary.Value], step: int) -> None:
         if not values:
             return
+        self._hand_over()  # keep the file in step order: earlier steps' scalars first
         fw = self._writable("scalars")
         if fw is None:
             return
         fw.add_summary(Summary(value=values), step)
 
     # -- tags --------------------------------------------------------------------------------------
+    def _total_prefix(self, name: str) -> bytes:
+        prefix = self._total_prefixes.get(name)
+        if prefix is None:
+            prefix = self._total_prefixes[name] = _value_prefix(T.total_tag(name, self.prefix))
+        return prefix
+
     def _update_tables(self, layers: list[str], activations: list[str], step: int) -> None:
-        key = (tuple(layers), tuple(activations))
+        if self._table_lists is not None and self._table_lists[0] is layers and self._table_lists[1] is activations \
+                and self._table_lists[2] == (len(layers), len(activations)):
+            key = self._table_key  # the watcher passes the same lists until its layers change
+        else:
+            key = (tuple(layers), tuple(activations))
+            self._table_lists = (layers, activations, (len(layers), len(activations)))
         if key == self._table_key:
             context = getattr(getattr(self.watcher, "history", None), "context", None)
             if context is not None and context != self._meta_context:  # e.g. AMP loss scaling noticed later
@@ -347,9 +382,9 @@ class TensorBoardSink:
             self._update_tables(record.layers, record.activations, record.step)
             if first:
                 self._write_layout()
-            fw = self._writable("scalars")
-            if fw is not None:
-                fw.add_summary(Summary.FromString(self._scalar_values(record)), record.step)
+            self._pending.append(_event_bytes(self._scalar_values(record), record.step, time.time()))
+            if len(self._pending) >= self.write_every_n_steps:
+                self._hand_over()
             self._recent.append((record.step, record.layers, record.values))
             self._last_step = record.step
             self.steps_written += 1
@@ -376,7 +411,7 @@ class TensorBoardSink:
         totals = {"grad_norm": record.total_norm, "loss": record.loss, **record.extra}
         names = [k for k, v in totals.items() if v is not None and not math.isnan(v)]
         if names:
-            prefixes = np.array([_value_prefix(T.total_tag(k, self.prefix)) for k in names], dtype=object)
+            prefixes = np.array([self._total_prefix(k) for k in names], dtype=object)
             parts.append(_encode_scalars(prefixes, np.array([float(totals[k]) for k in names])))
         return b"".join(parts)
 
@@ -422,6 +457,7 @@ class TensorBoardSink:
             if sig == self._text_signature:
                 return
             self._text_signature = sig
+            self._hand_over()
             if self._writable("diagnosis") is not None:
                 self.writer.add_text(self.prefix + T.DIAGNOSIS_TAG, diagnosis_markdown(diagnosis, step), global_step=step)
         except Exception as exc:
@@ -432,6 +468,7 @@ class TensorBoardSink:
         if self.closed or not self.text:
             return
         try:
+            self._hand_over()
             if self._writable("text") is not None:
                 self.writer.add_text(self.prefix + tag, text, global_step=step)
         except Exception as exc:
@@ -454,6 +491,7 @@ class TensorBoardSink:
                                        title=f"gradient flow ({span})" + (f": {v}" if v else ""))
             png = figure_to_png(fig)
             w, h = (int(v) for v in fig.canvas.get_width_height())
+            self._hand_over()
             fw = self._writable("figure")
             if fw is None:
                 return
@@ -481,9 +519,31 @@ class TensorBoardSink:
             warnings.simplefilter("ignore", RuntimeWarning)
             return layers, np.nanmedian(mean, axis=0), np.nanmedian(mx, axis=0)
 
+    def _hand_over(self) -> None:
+        """Queue the pending step events on the writer: as bytes on its record queue when the writer
+        is TensorBoard's own ``EventFileWriter``, else as parsed events through ``add_event``."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        fw = self._writable("scalars")
+        if fw is None:
+            return
+        event_writer = getattr(fw, "event_writer", None)
+        async_writer = getattr(event_writer, "_async_writer", None)
+        if callable(getattr(async_writer, "write", None)) and type(event_writer).__name__ == "EventFileWriter":
+            for data in pending:
+                async_writer.write(data)
+            return
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        for data in pending:
+            event = Event.FromString(data)
+            fw.add_event(event, event.step, event.wall_time)
+
     def flush(self) -> None:
         """Push pending events to disk."""
         try:
+            self._hand_over()
             if self._file_writer() is not None:
                 self.writer.flush()
         except Exception as exc:

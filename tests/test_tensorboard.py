@@ -266,6 +266,63 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         TensorBoardSink(tmp_path, figure_every_n_steps=-1)
     with pytest.raises(ValueError, match="prefix"):
         TensorBoardSink(tmp_path, prefix="gw")
+    with pytest.raises(ValueError, match="write_every_n_steps must be an integer >= 1"):
+        TensorBoardSink(tmp_path, write_every_n_steps=0)
+
+
+def _scalar_steps(path: Path) -> list[int]:
+    steps = []
+    for f in sorted(path.glob("events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(str(f)).Load():
+            if any(v.tag == "grad_norm/total" for v in event.summary.value):
+                steps.append(event.step)
+    return steps
+
+
+def test_step_events_reach_the_writer_every_n_steps_and_all_of_them_at_close(tmp_path: Path) -> None:
+    """Scalars are handed to the writer on a cadence (the writer is flushed here after every step,
+    so what is on disk is what was handed over), in step order, and nothing is lost at close."""
+    writer = SummaryWriter(str(tmp_path))
+    sink = TensorBoardSink(writer, write_every_n_steps=4, histograms=False, figure_every_n_steps=0)
+    model = mlp(nn.ReLU, 3)
+    seen = []
+    with gradwatch.watch(model, sinks=[sink], histogram_every_n_steps=0, diagnose_every_n_steps=0) as w:
+        train(model, vector_task(), 10, watcher=w,
+              before_step=lambda step: (writer.flush(), seen.append(len(_scalar_steps(tmp_path)))))
+        writer.flush()
+        assert _scalar_steps(tmp_path) == list(range(8))  # steps 8 and 9 still pending
+    assert _scalar_steps(tmp_path) == list(range(10))
+    assert seen == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]  # before each step's statistics: whole batches of 4
+    writer.close()
+
+
+def test_writers_other_than_tensorboards_own_get_the_same_events(tmp_path: Path) -> None:
+    """A SummaryWriter whose event writer is not TensorBoard's ``EventFileWriter`` (a subclass,
+    here) gets parsed events through the public ``add_event``: the same values and steps."""
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    class CountingEventFileWriter(EventFileWriter):
+        added = 0
+
+        def add_event(self, event) -> None:  # noqa: ANN001
+            CountingEventFileWriter.added += 1
+            super().add_event(event)
+
+    runs = {}
+    for name in ("own", "other"):
+        torch.manual_seed(0)
+        model = mlp(nn.ReLU, 3)
+        writer = SummaryWriter(str(tmp_path / name))
+        if name == "other":
+            fw = writer._get_file_writer()
+            fw.event_writer.close()
+            fw.event_writer = CountingEventFileWriter(str(tmp_path / name))
+        with gradwatch.watch(model, log_dir=writer, histogram_every_n_steps=0, figure_every_n_steps=0) as w:
+            train(model, vector_task(), 6, watcher=w)
+        writer.close()
+        runs[name] = scalar_map(accumulate(tmp_path / name))
+    assert CountingEventFileWriter.added >= 6
+    assert runs["own"].keys() == runs["other"].keys() and runs["own"] == runs["other"]
 
 
 def test_a_closed_or_failing_writer_never_breaks_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
