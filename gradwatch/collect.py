@@ -80,6 +80,10 @@ class StepStats:
     nonfinite_layers: list[int]
 
 
+#: gradient dtypes reduced as they are (anything else -- complex, integer -- goes through ``_as_real_dense``)
+_REAL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The part of ``t`` held by this process: the local shard of a DTensor (FSDP2), else ``t``."""
     to_local = getattr(t, "to_local", None)
@@ -272,10 +276,11 @@ class GradientCollector:
         grads: list[torch.Tensor],
         slow: bool,
         odd: bool,
+        wide: bool,
     ) -> torch.Tensor:
         """(_N_ROWS, n_layers) statistics for the gradients living on one device (float32; float64
-        when a gradient is float64)."""
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        when a gradient is float64: ``wide``)."""
+        acc = torch.float64 if wide else torch.float32
         key, plan = self._plan("grad", device, positions, grads, acc, odd)
         idx = plan.idx
         out = torch.zeros(_N_ROWS, self.n_layers, dtype=acc, device=device)
@@ -395,21 +400,22 @@ class GradientCollector:
                 g = p.grad
                 if g is None:
                     continue
-                odd = False
-                if g.layout != torch.strided or g.is_complex() or type(g) is not torch.Tensor:
+                odd = type(g) is not torch.Tensor or g.layout != torch.strided or g.dtype not in _REAL_DTYPES
+                if odd:
                     g = _as_real_dense(g)
-                    odd = True
                 entry = by_device.get(g.device)
                 if entry is None:
-                    entry = by_device[g.device] = ([], [], [False])
+                    entry = by_device[g.device] = ([], [], [False, False])
                 entry[0].append(i)
                 entry[1].append(g)
                 if odd:
                     entry[2][0] = True
+                if g.dtype == torch.float64:
+                    entry[2][1] = True
             if self._snapshot is not None and not self.track_updates:
                 self._snapshot = None
             partials = [
-                (device, self._device_rows(device, positions, grads, slow, flag[0]), positions)
+                (device, self._device_rows(device, positions, grads, slow, flag[0], flag[1]), positions)
                 for device, (positions, grads, flag) in by_device.items()
             ]
             for device, snap in (self._snapshot or {}).items():

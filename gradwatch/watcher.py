@@ -337,11 +337,12 @@ class GradWatcher:
         for k, (device, rows, _) in enumerate(partials):
             parts = [rows.reshape(-1)]
             if k == 0:
-                extra = sample if sample is not None else rows.new_zeros(0)
-                lt = loss.detach().reshape(-1)[:1].to(device=device, dtype=torch.float32) if isinstance(loss, torch.Tensor) else rows.new_zeros(0)
-                parts += [extra, lt]
-                sizes = (rows.numel(), extra.numel(), lt.numel())
-            host.append(torch.cat(parts).cpu())
+                if sample is not None:
+                    parts.append(sample)
+                if isinstance(loss, torch.Tensor):
+                    parts.append(loss.detach().reshape(-1)[:1].to(device=device, dtype=rows.dtype))
+                sizes = (rows.numel(), 0 if sample is None else sample.numel(), int(isinstance(loss, torch.Tensor)))
+            host.append((torch.cat(parts) if len(parts) > 1 else parts[0]).cpu())
         first = host[0]
         n_rows = sizes[0]
         grad_host = [first[:n_rows].reshape(partials[0][1].shape)] + [h.reshape(p[1].shape) for h, p in zip(host[1:], partials[1:], strict=True)]
