@@ -151,35 +151,40 @@ def bin_on_device(groups: Sequence[Sequence[torch.Tensor]]) -> list[LayerHistogr
         Per group its histograms, or ``None`` for a group without elements. A group whose tensors
         live on several devices is binned per device and combined on the host.
     """
-    per_device: dict[torch.device, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
+    # per device: (group of each tensor, per-group key counts accumulated in place, per-tensor min/max)
+    per_device: dict[torch.device, tuple[list[int], torch.Tensor, list[torch.Tensor], dict[int, int]]] = {}
     buffers: dict[torch.device, torch.Tensor] = {}
     for gi, tensors in enumerate(groups):
         for t in tensors:
             if t.numel() == 0:
                 continue
             x = _as_float32_flat(t)
-            entry = per_device.setdefault(x.device, ([], [], []))
-            entry[0].append(gi)
-            entry[1].append(_count(_keys(x, buffers)))
-            entry[2].append(torch.stack(torch.aminmax(x)))
+            entry = per_device.get(x.device)
+            if entry is None:
+                entry = per_device[x.device] = (
+                    [], torch.zeros(len(groups), N_KEYS, dtype=torch.int64, device=x.device), [], {})
+            owners, dev_counts, minmax, rows_of = entry
+            owners.append(gi)
+            rows_of.setdefault(gi, len(rows_of))
+            dev_counts[gi].add_(_count(_keys(x, buffers)))
+            minmax.append(torch.stack(torch.aminmax(x)))
     counts = np.zeros((len(groups), N_KEYS), dtype=np.float64)
     stats = np.zeros((len(groups), _STATS), dtype=np.float64)
     stats[:, 0], stats[:, 1] = math.inf, -math.inf
     present = np.zeros(len(groups), dtype=bool)
-    for device, (owners, cnts, sts) in per_device.items():
+    for device, (owners, dev_counts, minmax, rows_of) in per_device.items():
         dtype = _count_dtype(device)
-        uniq = sorted(set(owners))
-        pos = {g: i for i, g in enumerate(uniq)}
-        local = torch.tensor([pos[g] for g in owners], device=device, dtype=torch.long)
-        c = torch.zeros(len(uniq), N_KEYS, device=device, dtype=dtype).index_add_(0, local, torch.stack(cnts).to(dtype))
-        s = torch.stack(sts).to(dtype)
-        lo = torch.full((len(uniq),), math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 0], "amin")
-        hi = torch.full((len(uniq),), -math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 1], "amax")
-        host = torch.cat([c, lo[:, None], hi[:, None]], dim=1).cpu().numpy().astype(np.float64)  # one copy
-        rows = np.array(uniq)
-        counts[rows] += host[:, :N_KEYS]
-        stats[rows, 0] = np.minimum(stats[rows, 0], host[:, N_KEYS])
-        stats[rows, 1] = np.maximum(stats[rows, 1], host[:, N_KEYS + 1])
+        uniq = list(rows_of)  # groups with elements on this device
+        local = torch.tensor(owners, device=device, dtype=torch.long)
+        s = torch.stack(minmax).to(dtype)
+        lo = torch.full((len(groups),), math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 0], "amin")
+        hi = torch.full((len(groups),), -math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 1], "amax")
+        # one copy to the host: the counts (exact integers in float64 up to 2**53 elements) and min/max
+        host = torch.cat([dev_counts.to(dtype), lo[:, None], hi[:, None]], dim=1).cpu().numpy()
+        rows = np.array(sorted(uniq))
+        counts[rows] += host[rows, :N_KEYS]
+        stats[rows, 0] = np.minimum(stats[rows, 0], host[rows, N_KEYS])
+        stats[rows, 1] = np.maximum(stats[rows, 1], host[rows, N_KEYS + 1])
         present[rows] = True
     return _finish_all(counts, stats, present)
 

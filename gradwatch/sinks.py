@@ -45,7 +45,9 @@ class Sink(Protocol):
         """Called on every collected step, after the statistics reached the host."""
 
     def write_histograms(self, step: int, layers: list[LayerInfo]) -> None:
-        """Called on histogram steps while the gradients are still live on their device."""
+        """Called on histogram steps while the gradients are still live on their device, with the
+        layers due on this step (a round can be spread over consecutive steps: the watcher's
+        ``histogram_max_elements``)."""
 
     def write_diagnosis(self, step: int, diagnosis: Diagnosis) -> None:
         """Called when the diagnosis is recomputed (on its cadence and at close)."""

@@ -48,7 +48,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
@@ -116,13 +116,18 @@ def _event_bytes(summary: bytes, step: int, wall_time: float) -> bytes:
             + b"\x2a" + _varint(len(summary)) + summary)
 
 
-def _histogram_values(tag: str, h: HistogramData | None) -> list[Summary.Value]:
-    """A raw histogram as a summary value (what ``SummaryWriter.add_histogram_raw`` writes)."""
+def _histogram_value_bytes(tag: str, h: HistogramData | None) -> bytes:
+    """Serialized ``Summary.value`` holding a ``HistogramProto`` (what ``add_histogram_raw`` writes),
+    built from packed float64 arrays: no protobuf objects, no per-bucket Python work."""
     if h is None:
-        return []
-    proto = HistogramProto(min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
-                           bucket_limit=h.bucket_limits, bucket=h.bucket_counts)
-    return [Summary.Value(tag=tag, histo=proto)]
+        return b""
+    limits = np.asarray(h.bucket_limits, dtype="<f8").tobytes()
+    counts = np.asarray(h.bucket_counts, dtype="<f8").tobytes()
+    histo = (struct.pack("<BdBdBdBdBd", 0x09, h.min, 0x11, h.max, 0x19, float(h.num), 0x21, h.sum, 0x29, h.sum_squares)
+             + b"\x32" + _varint(len(limits)) + limits + b"\x3a" + _varint(len(counts)) + counts)
+    t = tag.encode("utf-8")
+    inner = b"\x0a" + _varint(len(t)) + t + b"\x2a" + _varint(len(histo)) + histo
+    return b"\x0a" + _varint(len(inner)) + inner
 
 
 def _encode_scalars(prefixes: np.ndarray, values: np.ndarray) -> bytes:
@@ -418,8 +423,8 @@ class TensorBoardSink:
     def write_histograms(self, step: int, layers: list[LayerInfo]) -> None:
         """Bin every layer's gradients (and optionally weights) on device; write raw histograms.
 
-        All histograms and counts of the step go out as one event (the same ``HistogramProto`` that
-        ``add_histogram_raw`` writes, without one queue round-trip per histogram).
+        All histograms and counts of the step go out as one event, serialized here from packed
+        arrays (the same ``HistogramProto`` that ``add_histogram_raw`` writes).
         """
         if self.closed or not self.histograms:
             return
@@ -430,18 +435,20 @@ class TensorBoardSink:
             results = bin_on_device(grads)
             weights = bin_on_device([[p.detach() for p in layer.params] for layer in layers]) if self.weight_histograms else None
             p = self.prefix
-            values: list[Summary.Value] = []
+            parts: list[bytes] = []
             for i, layer in enumerate(layers):
                 key = self._layer_key(layer.name, i, len(layers))
                 h = results[i]
                 if h is not None:
-                    values += _histogram_values(f"{p}{T.GRAD_HIST}/{key}", h.values)
-                    values += _histogram_values(f"{p}{T.LOG10_HIST}/{key}", h.log10_abs)
-                    values += [Summary.Value(tag=f"{p}{name}/{key}", simple_value=float(value))
-                               for name, value in zip(T.HIST_COUNTS, (h.zeros, h.nan, h.inf), strict=True)]
+                    parts.append(_histogram_value_bytes(f"{p}{T.GRAD_HIST}/{key}", h.values))
+                    parts.append(_histogram_value_bytes(f"{p}{T.LOG10_HIST}/{key}", h.log10_abs))
+                    parts += [_value_prefix(f"{p}{name}/{key}") + struct.pack("<f", value)
+                              for name, value in zip(T.HIST_COUNTS, (h.zeros, h.nan, h.inf), strict=True)]
                 if weights is not None and weights[i] is not None:
-                    values += _histogram_values(f"{p}{T.WEIGHT_HIST}/{key}", weights[i].values)
-            self._add_summary(values, step)
+                    parts.append(_histogram_value_bytes(f"{p}{T.WEIGHT_HIST}/{key}", weights[i].values))
+            if parts:
+                self._pending.append(_event_bytes(b"".join(parts), step, time.time()))
+                self._hand_over()
         except Exception as exc:
             self._failed("histograms", exc)
 

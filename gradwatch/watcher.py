@@ -67,6 +67,12 @@ class GradWatcher:
         activations: measure activations (dead units, saturation, signal size) on sampled steps.
         activation_every_n_steps: sample activations every n-th collected step (the first always).
         histogram_every_n_steps: TensorBoard histogram cadence (collected steps; 0 = never).
+        histogram_max_elements: at most this many gradient elements are binned on one step: a
+            round of histograms is spread over the steps that follow its start, in depth order, each
+            layer binned once and logged under the step it was binned at (binning costs 2-4 ns an
+            element on a CPU core: 2**20 elements keep a step's share near 5 ms). Raised as needed so
+            a round ends within ``histogram_every_n_steps``. ``None``: every layer on the round's
+            first step.
         figure_every_n_steps: TensorBoard gradient-flow figure cadence (0 = only at close).
         diagnose_every_n_steps: recompute the diagnosis (for logs, auto-fix) every n collected steps.
         thresholds: diagnosis thresholds (:class:`gradwatch.Thresholds`).
@@ -102,6 +108,7 @@ class GradWatcher:
         activations: bool = True,
         activation_every_n_steps: int = 50,
         histogram_every_n_steps: int = 100,
+        histogram_max_elements: int | None = 1 << 20,
         figure_every_n_steps: int = 500,
         diagnose_every_n_steps: int = 100,
         thresholds: Thresholds | None = None,
@@ -127,6 +134,11 @@ class GradWatcher:
         self.slow_stats_every_n = _check_every("slow_stats_every_n", slow_stats_every_n)
         self.activation_every_n_steps = _check_every("activation_every_n_steps", activation_every_n_steps)
         self.histogram_every_n_steps = _check_every("histogram_every_n_steps", histogram_every_n_steps, allow_zero=True)
+        if histogram_max_elements is not None:
+            _check_every("histogram_max_elements", histogram_max_elements)
+        self.histogram_max_elements = histogram_max_elements
+        self._histograms_due: list[LayerInfo] = []  # layers of the current histogram round not binned yet
+        self._histogram_round_size = 0  # gradient elements of the current round
         self.figure_every_n_steps = _check_every("figure_every_n_steps", figure_every_n_steps, allow_zero=True)
         self.diagnose_every_n_steps = _check_every("diagnose_every_n_steps", diagnose_every_n_steps, allow_zero=True)
         self.model = unwrap_model(model)
@@ -350,14 +362,41 @@ class GradWatcher:
         # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
         loss_value = float(first.numpy()[n_rows + sizes[1]]) if sizes[2] else (float(loss) if isinstance(loss, int | float) else math.nan)
         self._record(step, stats, loss_value, first[n_rows:n_rows + sizes[1]] if sizes[1] else None)
-        if self.histogram_every_n_steps and index % self.histogram_every_n_steps == 0:
-            for sink in self.sinks:
-                sink.write_histograms(step, self.layers)
+        if self.histogram_every_n_steps and index % self.histogram_every_n_steps == 0 and not self._histograms_due:
+            self._histograms_due = list(self.layers)  # a new round (an unfinished one is finished first)
+            self._histogram_round_size = sum(layer.numel for layer in self.layers)
+        if self._histograms_due:
+            layers = self._next_histogram_layers()
+            if layers:
+                for sink in self.sinks:
+                    sink.write_histograms(step, layers)
         for cb in list(self._step_callbacks):
             cb(self, step)
         if self.diagnose_every_n_steps and index and index % self.diagnose_every_n_steps == 0:
             self._diagnose_and_publish(step)
         self._after_step(index)
+
+    def _next_histogram_layers(self) -> list[LayerInfo]:
+        """The layers of the histogram round binned on this step: in depth order, up to
+        ``histogram_max_elements`` gradient elements (at least one layer); layers that left the
+        model since the round started are skipped."""
+        current = {id(layer) for layer in self.layers}
+        due = [layer for layer in self._histograms_due if id(layer) in current]
+        budget = self.histogram_max_elements
+        if budget is None:
+            self._histograms_due = []
+            return due
+        # a round must end within the cadence however large the model: greedy packing needs at most
+        # 2 * total / budget + 1 steps
+        budget = max(budget, math.ceil(2 * self._histogram_round_size / max(1, self.histogram_every_n_steps)))
+        taken, size = 0, 0
+        for layer in due:
+            if taken and size + layer.numel > budget:
+                break
+            size += layer.numel
+            taken += 1
+        self._histograms_due = due[taken:]
+        return due[:taken]
 
     def _after_step(self, index: int) -> None:
         self.collected = index + 1

@@ -338,14 +338,17 @@ def test_a_closed_or_failing_writer_never_breaks_training(tmp_path: Path, caplog
 
     caplog.clear()
     broken = SummaryWriter(str(tmp_path / "broken"))
-    real = broken.file_writer.add_summary
+    queue = broken.file_writer.event_writer._async_writer  # where serialized events are handed over
+    real = queue.write
 
-    def disk_full_for_histograms(summary, *args, **kwargs):
-        if any(v.HasField("histo") for v in summary.value):
+    def disk_full_for_histograms(data: bytes) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        if any(v.HasField("histo") for v in Event.FromString(data).summary.value):
             raise OSError("disk full")
-        return real(summary, *args, **kwargs)
+        return real(data)
 
-    broken.file_writer.add_summary = disk_full_for_histograms
+    queue.write = disk_full_for_histograms
     model = mlp(nn.ReLU, 3)
     with caplog.at_level(logging.ERROR, logger="gradwatch"), gradwatch.watch(model, log_dir=broken, histogram_every_n_steps=1) as w:
         train(model, vector_task(), 3, watcher=w)
@@ -452,3 +455,68 @@ def test_fast_record_checksum_is_tensorboards_checksum(tmp_path: Path) -> None:
         writer.close()
     # identical bytes apart from the file header (wall time): TensorBoard reads both
     assert accumulate(tmp_path / "fast").Histograms("h")[0].histogram_value == accumulate(tmp_path / "slow").Histograms("h")[0].histogram_value
+
+
+def test_histogram_bytes_are_the_proto_tensorboard_would_write() -> None:
+    """The hand-serialized histogram value parses to exactly the ``HistogramProto`` that
+    ``add_histogram_raw`` builds from the same numbers."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    from gradwatch.tensorboard import _histogram_value_bytes
+
+    g = torch.randn(3000, dtype=torch.float64) * 1e-3
+    g[:50] = 0.0
+    (layer,) = bin_on_device([[g]])
+    for h in (layer.values, layer.log10_abs):
+        (value,) = Summary.FromString(_histogram_value_bytes("grad_hist/00.fc", h)).value
+        want = HistogramProto(min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+                              bucket_limit=h.bucket_limits, bucket=h.bucket_counts)
+        assert value.tag == "grad_hist/00.fc" and value.histo == want
+        assert sum(value.histo.bucket) == h.num > 0
+    assert _histogram_value_bytes("x", None) == b""
+
+
+def test_a_histogram_round_is_spread_over_steps_within_the_element_budget(tmp_path: Path) -> None:
+    """With ``histogram_max_elements`` below the model's size, each round bins every layer exactly
+    once, in depth order, on consecutive steps, each step within the budget (one layer at least),
+    and every histogram counts all elements of its layer at the step it is logged under."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 200), nn.ReLU(),
+                          nn.Linear(200, 10))
+    sizes = [sum(p.numel() for p in m.parameters()) for m in model if isinstance(m, nn.Linear)]
+    budget = 9000  # fits layers 0 and 1 (1088 + 4160), then layer 2 (13000 > budget) alone, then layer 3
+    with gradwatch.watch(model, log_dir=tmp_path, histogram_every_n_steps=6, histogram_max_elements=budget,
+                         figure_every_n_steps=0, activations=False) as w:
+        train(model, vector_task(), 14, watcher=w)
+        keys = [T.layer_key(i, layer.name, T.depth_width(len(w.layers))) for i, layer in enumerate(w.layers)]
+    acc = accumulate(tmp_path)
+    logged = {key: [e.step for e in acc.Histograms(f"{T.GRAD_HIST}/{key}")] for key in keys}
+    assert logged == {keys[0]: [0, 6, 12], keys[1]: [0, 6, 12], keys[2]: [1, 7, 13], keys[3]: [2, 8]}
+    for key, size in zip(keys, sizes, strict=True):
+        for event in acc.Histograms(f"{T.GRAD_HIST}/{key}"):
+            assert event.histogram_value.num == size
+
+    unbounded = tmp_path / "unbounded"
+    with gradwatch.watch(model, log_dir=unbounded, histogram_every_n_steps=6, histogram_max_elements=None,
+                         figure_every_n_steps=0, activations=False) as w:
+        train(model, vector_task(), 7, watcher=w)
+    acc = accumulate(unbounded)
+    assert all([e.step for e in acc.Histograms(f"{T.GRAD_HIST}/{key}")] == [0, 6] for key in keys)
+    with pytest.raises(ValueError, match="histogram_max_elements must be an integer >= 1"):
+        gradwatch.watch(model, histogram_max_elements=0)
+
+
+def test_a_histogram_round_ends_within_the_cadence_whatever_the_budget(tmp_path: Path) -> None:
+    """A budget far below the model's size is raised so that rounds keep their cadence; no layer is
+    ever starved of histograms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 200), nn.ReLU(),
+                          nn.Linear(200, 10))
+    with gradwatch.watch(model, log_dir=tmp_path, histogram_every_n_steps=4, histogram_max_elements=1,
+                         figure_every_n_steps=0, activations=False) as w:
+        train(model, vector_task(), 16, watcher=w)
+        keys = [T.layer_key(i, layer.name, T.depth_width(len(w.layers))) for i, layer in enumerate(w.layers)]
+    acc = accumulate(tmp_path)
+    for key in keys:
+        steps = [e.step for e in acc.Histograms(f"{T.GRAD_HIST}/{key}")]
+        assert len(steps) == 4 and [s // 4 for s in steps] == [0, 1, 2, 3], (key, steps)
