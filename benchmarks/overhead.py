@@ -472,40 +472,63 @@ def peak_memory(s: Setup, wl: Workload, device: torch.device) -> dict[str, float
 # -- op level --------------------------------------------------------------------------------------
 
 
-def op_timing(device: torch.device, reps: int = 50) -> list[dict[str, Any]]:
+def op_timing(device: torch.device, reps: int = 40) -> list[dict[str, Any]]:
     """Time the statistics alone on the deep MLP's gradients, next to single reductions over the
-    same memory (a read of all gradients is the floor for any per-layer statistic)."""
+    same memory (a read of all gradients is the floor for any per-layer statistic) and next to the
+    peers' own per-step work. Every timed call runs on fresh gradients, right after a backward pass
+    (untimed), as in training: the caches hold what a real step leaves in them."""
     torch.manual_seed(0)
     model = deep_mlp().to(device)
     g = torch.Generator().manual_seed(0)
     x, y = (t.to(device) for t in workloads(True)["mlp"].batch(g))
-    F.mse_loss(model(x), y).backward()
-    grads = [p.grad for p in model.parameters()]
+    params = list(model.parameters())
+    named = list(model.named_parameters())
     from gradwatch.collect import GradientCollector
     from gradwatch.layers import discover_layers
 
+    def backward() -> None:
+        model.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+
+    backward()
     layers = discover_layers(model)
     fast = GradientCollector(layers, track_updates=False)
     slow = GradientCollector(layers, track_updates=True)
     slow.compute_on_device(True)  # leaves a snapshot: the next slow call measures update ratios too
+    watcher = gradwatch.watch(model, activations=False, diagnose_every_n_steps=0, slow_stats_every_n=10**9,
+                              on_error="raise")
+    watcher.step()  # the first collected step is a slow one
 
     def host(parts: list[tuple[torch.device, torch.Tensor, list[int]]]) -> None:
         for _, rows, _ in parts:
             rows.cpu()
 
+    def grads() -> list[torch.Tensor]:
+        return [p.grad for p in params]
+
+    try:
+        from lightning.pytorch.utilities import grad_norm
+    except ImportError:
+        grad_norm = None
     cases: dict[str, Callable[[], object]] = {
-        "floor: _foreach_max (one read of all grads)": lambda: torch._foreach_max(grads),
-        "_foreach_norm(2)": lambda: torch._foreach_norm(grads, 2),
-        "_foreach_norm(1)": lambda: torch._foreach_norm(grads, 1),
-        "_foreach_norm(inf)": lambda: torch._foreach_norm(grads, math.inf),
-        "aminmax per tensor": lambda: [torch.aminmax(t) for t in grads],
-        "abs().sum() per tensor": lambda: [t.abs().sum() for t in grads],
-        "(g == 0).sum() per tensor": lambda: [(t == 0).sum() for t in grads],
-        "count_nonzero per tensor": lambda: [torch.count_nonzero(t) for t in grads],
-        "isfinite().all() per tensor": lambda: [torch.isfinite(t).all() for t in grads],
+        "floor: _foreach_max (one read of all grads)": lambda: torch._foreach_max(grads()),
+        "_foreach_norm(2)": lambda: torch._foreach_norm(grads(), 2),
+        "_foreach_norm(1)": lambda: torch._foreach_norm(grads(), 1),
+        "_foreach_norm(inf)": lambda: torch._foreach_norm(grads(), math.inf),
+        "vdot per tensor (sum of squares)": lambda: [torch.vdot(t.view(-1), t.view(-1)) for t in grads()],
+        "aminmax per tensor": lambda: [torch.aminmax(t) for t in grads()],
+        "abs().sum() per tensor": lambda: [t.abs().sum() for t in grads()],
+        "(g == 0).sum() per tensor": lambda: [(t == 0).sum() for t in grads()],
+        "count_nonzero per tensor": lambda: [torch.count_nonzero(t) for t in grads()],
+        "isfinite().all() per tensor": lambda: [torch.isfinite(t).all() for t in grads()],
         "gradwatch per-step stats + host copy": lambda: host(fast.compute_on_device(False)),
-        "gradwatch slow-step stats + host copy": lambda: (host(slow.compute_on_device(True))),
+        "gradwatch slow-step stats + host copy": lambda: host(slow.compute_on_device(True)),
+        "gradwatch watcher.step() (stats + history)": lambda: watcher.step(),
+        "peer: p.grad.norm().item() loop": lambda: [p.grad.norm().item() for _, p in named],
     }
+    if grad_norm is not None:
+        cases["peer: lightning grad_norm(module, 2) + to host"] = lambda: {
+            k: float(v) for k, v in grad_norm(model, norm_type=2).items()}
     rows = []
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
@@ -513,13 +536,16 @@ def op_timing(device: torch.device, reps: int = 50) -> list[dict[str, Any]]:
         _sync(device)
     for _ in range(reps):
         for k, fn in cases.items():
+            backward()
             _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - t0)
+    watcher.close()
     for k, v in times.items():
-        rows.append({"op": k, "median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3})
+        rows.append({"op": k, "median_ms": statistics.median(v) * 1e3, "q25_ms": _q(v, 0.25) * 1e3,
+                     "q75_ms": _q(v, 0.75) * 1e3})
     return rows
 
 
@@ -666,9 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.ops:
         rows = op_timing(device)
-        print(f"\nop-level timing on the deep MLP's gradients ({device}):")
+        print(f"\nop-level timing on the deep MLP's fresh gradients, right after backward ({device}):")
         for r in rows:
-            print(f"  {r['op']:<44} median {r['median_ms']:8.3f} ms   min {r['min_ms']:8.3f} ms")
+            print(f"  {r['op']:<48} median {r['median_ms']:8.3f} ms   IQR {r['q25_ms']:.3f}..{r['q75_ms']:.3f} ms")
         result["ops"] = rows
     elif args.scale:
         result["scale"] = scale_sweep(device, args.quick)

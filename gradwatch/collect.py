@@ -78,6 +78,8 @@ class StepStats:
     values: torch.Tensor  # float64, (n_layers, len(GRAD_METRICS)); NaN = not measured / no gradient
     total_norm: float
     nonfinite_layers: list[int]
+    #: a common step (every layer measured, all finite, no slow statistics): its recording may be batched
+    fast: bool = False
 
 
 #: gradient dtypes reduced as they are (anything else -- complex, integer -- goes through ``_as_real_dense``)
@@ -107,7 +109,7 @@ class _Plan:
     ``_foreach_norm`` call; everything on accelerators). ``idx[s]`` is the layer of slot ``s``.
     """
 
-    __slots__ = ("big", "groups", "other", "order", "idx", "numel_row", "acc", "positions", "buffers")
+    __slots__ = ("big", "groups", "other", "order", "idx", "numel_row", "acc", "positions", "buffers", "all_present")
 
     def __init__(self, tensors: list[torch.Tensor], positions: list[int], owner: list[int], numel: list[int],
                  n_layers: int, device: torch.device, acc: torch.dtype, batched: bool):
@@ -133,6 +135,7 @@ class _Plan:
         row.index_add_(0, idx, torch.tensor([float(numel[i]) for i in self.positions], dtype=torch.float64))
         self.idx = idx.to(device)
         self.numel_row = row.to(device=device, dtype=acc)
+        self.all_present = bool((row > 0).all())  # every layer has elements among these tensors
         self.acc = acc
         self.buffers: dict[int, torch.Tensor] = {}  # per group: its stacking buffer (gradients only)
 
@@ -169,7 +172,10 @@ class GradientCollector:
         self._plans: dict[tuple, _Plan] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._last_weight_norm = np.full(len(self.layers), math.nan)
-        self._inv_weight_norm: tuple[np.ndarray, np.ndarray] | None = None  # (weight norms, 1 / them) cache
+        #: fast host path: (weight norms, 1 / them, row template), rebuilt when the weight norms change
+        self._fast_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._all_present = False  # every layer had a gradient on the last computed step (one device)
+        self._plan_all_present = False
         self._last_max = np.full(len(self.layers), math.inf)  # max |g| of the last slow step (unknown: inf)
         #: per device, the weight copy for the update ratio; ``None`` frees them (the watcher's close)
         self._snapshot: dict[torch.device, _Snapshot] | None = None
@@ -282,6 +288,7 @@ class GradientCollector:
         when a gradient is float64: ``wide``)."""
         acc = torch.float64 if wide else torch.float32
         key, plan = self._plan("grad", device, positions, grads, acc, odd)
+        self._plan_all_present = plan.all_present
         idx = plan.idx
         out = torch.zeros(_N_ROWS, self.n_layers, dtype=acc, device=device)
         stats = self._reduce(plan, grads, full=slow, extra=slow)
@@ -418,6 +425,7 @@ class GradientCollector:
                 (device, self._device_rows(device, positions, grads, slow, flag[0], flag[1]), positions)
                 for device, (positions, grads, flag) in by_device.items()
             ]
+            self._all_present = len(by_device) == 1 and self._plan_all_present
             for device, snap in (self._snapshot or {}).items():
                 if device not in by_device:
                     snap.wsq = None  # no gradients there this step: the snapshot is stale
@@ -492,24 +500,25 @@ class GradientCollector:
     def _finish_fast(self, host: torch.Tensor) -> StepStats | None:
         """:meth:`finish` for the common step: one device, not a slow step, every layer with a
         gradient, every sum of squares finite and large enough to be exact. ``None`` otherwise."""
-        rows = host.numpy()
-        numel, sumsq32 = rows[_NUMEL], rows[_SUMSQ]
-        if host.dtype != torch.float32 or not numel.all():
+        if host.dtype != torch.float32 or not self._all_present:
             return None
+        sumsq32 = host.numpy()[_SUMSQ]
         total_sq = float(sumsq32.sum(dtype=np.float64))
         if not math.isfinite(total_sq) or float(sumsq32.min()) < _TINY_SUMSQ:
             return None
-        sumsq = sumsq32.astype(np.float64)
-        norm = np.sqrt(sumsq)
-        values = np.full((self.n_layers, len(GRAD_METRICS)), np.nan)
-        values[:, G["grad_norm"]] = norm
-        values[:, G["nonfinite"]] = 0.0
         w = self._last_weight_norm
-        if self._inv_weight_norm is None or self._inv_weight_norm[0] is not w:
+        cache = self._fast_cache
+        if cache is None or cache[0] is not w:
+            # per weight-norm update (slow steps), not per step: 1 / ||w|| and a row template
+            template = np.full((self.n_layers, len(GRAD_METRICS)), np.nan)
+            template[:, G["nonfinite"]] = 0.0
             with np.errstate(divide="ignore", invalid="ignore"):
-                self._inv_weight_norm = (w, np.where(w > 0, 1.0 / w, np.nan))
-        values[:, G["grad_to_weight"]] = norm * self._inv_weight_norm[1]
-        return StepStats(values=torch.from_numpy(values), total_norm=math.sqrt(total_sq), nonfinite_layers=[])
+                cache = self._fast_cache = (w, np.where(w > 0, 1.0 / w, np.nan), template)
+        values = cache[2].copy()
+        norm = np.sqrt(sumsq32, dtype=np.float64)
+        values[:, G["grad_norm"]] = norm
+        np.multiply(norm, cache[1], out=values[:, G["grad_to_weight"]])
+        return StepStats(values=torch.from_numpy(values), total_norm=math.sqrt(total_sq), nonfinite_layers=[], fast=True)
 
     def _repair(self, rows: np.ndarray, nonfinite: np.ndarray, bad: list[int], slow: bool) -> None:
         """Slow path for layers whose reductions are non-finite: count, then recompute over finite values."""

@@ -204,6 +204,22 @@ class _Ring:
         self.steps[i] = step
         self.count += 1
 
+    def extend(self, steps: np.ndarray, records: np.ndarray) -> None:
+        """``append`` for several records of full width at once (one or two slice assignments)."""
+        k = len(records)
+        if k > self.capacity:
+            steps, records = steps[-self.capacity:], records[-self.capacity:]
+            self.count += k - self.capacity
+            k = self.capacity
+        i = self.count % self.capacity
+        first = min(k, self.capacity - i)
+        self.data[i:i + first] = records[:first]
+        self.steps[i:i + first] = steps[:first]
+        if first < k:  # wraps around
+            self.data[: k - first] = records[first:]
+            self.steps[: k - first] = steps[first:]
+        self.count += k
+
     def grow(self, axis1: int) -> None:
         """Add columns along the first record axis (new layers), filled with NaN."""
         extra = axis1 - self.data.shape[1]
@@ -368,7 +384,7 @@ class History:
         self._summary.add(step, record)
         if math.isfinite(loss) and len(self._first_losses) < 10:
             self._first_losses.append(float(loss))
-        gtw = record[:, GRAD_METRICS.index("grad_to_weight")].astype(np.float64)
+        gtw = record[:, _GTW]  # float32, compared with the float64 peaks exactly
         higher = np.isfinite(gtw) & ~(gtw <= self._peak)  # NaN peaks are replaced by any finite value
         self._peak[higher] = gtw[higher]
         self._peak_step[higher] = step
@@ -380,6 +396,50 @@ class History:
             if self.first_nonfinite is None:
                 self.first_nonfinite = (step, [self.layers[columns[i]] for i in np.flatnonzero(nf)])
 
+    def append_steps(
+        self, steps: list[int], columns: list[int], values: np.ndarray, total_norms: list[float], losses: list[float]
+    ) -> None:
+        """Record several collected steps at once (``values[k]`` is step ``k``'s ``append_step`` values):
+        the same history as appending them one by one, with whole-batch array operations."""
+        k = len(steps)
+        n = len(self.layers)
+        if k < 2 or not self._identity_columns(columns) or values.shape[1:] != (n, len(GRAD_METRICS)) \
+                or self._grad.data.shape[1] != n:
+            for s, v, t, loss in zip(steps, values, total_norms, losses, strict=True):
+                self.append_step(s, columns, v, t, loss)
+            return
+        step_arr = np.asarray(steps, dtype=np.int64)
+        with np.errstate(over="ignore"):  # beyond float32's range a statistic is stored as inf
+            records = values.astype(np.float32)
+            scalars = np.ascontiguousarray(np.array([total_norms, losses], dtype=np.float32).T)
+        self._grad.extend(step_arr, records)
+        self._scalars.extend(step_arr, scalars)
+        for s, record in zip(steps, records, strict=True):
+            self._summary.add(s, record)
+        for loss in losses:
+            if len(self._first_losses) >= 10:
+                break
+            if math.isfinite(loss):
+                self._first_losses.append(float(loss))
+        gtw = records[:, :, _GTW]
+        finite = np.isfinite(gtw)
+        masked = np.where(finite, gtw, -np.inf)
+        best, at = masked.max(axis=0), masked.argmax(axis=0)  # the first step reaching each layer's maximum
+        higher = finite.any(axis=0) & ~(best <= self._peak[:n])
+        self._peak[:n][higher] = best[higher]
+        self._peak_step[:n][higher] = step_arr[at[higher]]
+        if np.isfinite(records[:, :, _UPD]).any() or np.isfinite(records[:, :, _WN]).any():
+            for s, record in zip(steps, records, strict=True):
+                self._track_update_peaks(s, record)
+        self.total_steps += k
+        nf = values[:, :, _NONFINITE] > 0
+        if nf.any():
+            for s, row in zip(steps, nf, strict=True):
+                if row.any():
+                    self.nonfinite_steps += 1
+                    if self.first_nonfinite is None:
+                        self.first_nonfinite = (s, [self.layers[columns[i]] for i in np.flatnonzero(row)])
+
     def _identity_columns(self, columns: list[int]) -> bool:
         """Whether ``columns`` is ``0 .. len(layers) - 1`` in order; remembered for the list object the
         caller passes every step (the watcher's), so it is checked once per layer registration."""
@@ -390,8 +450,9 @@ class History:
         return cache[3]
 
     def _track_update_peaks(self, step: int, record: np.ndarray) -> None:
-        upd = record[:, GRAD_METRICS.index("update_ratio")].astype(np.float64)
+        upd = record[:, _UPD]
         if np.isfinite(upd).any():
+            upd = upd.astype(np.float64)
             # weights near zero (a zero-initialised head, a LoRA B) make any update look huge:
             # only count layers whose weights were at least a tenth of the 1/sqrt(fan_in) scale
             n = len(self.layers)
@@ -408,9 +469,10 @@ class History:
             higher = valid & ~(upd <= self._peak_upd[:n])
             self._peak_upd[:n][higher] = upd[higher]
             self._peak_upd_step[:n][higher] = step
-        w = record[:, GRAD_METRICS.index("weight_norm")].astype(np.float64)
+        w = record[:, _WN]
         seen = np.isfinite(w)
-        self._last_wnorm[: len(w)][seen] = w[seen]
+        if seen.any():  # weight norms are measured on slow steps only
+            self._last_wnorm[: len(w)][seen] = w[seen]
 
     def append_sample(
         self, step: int, act_columns: list[int], act: np.ndarray, layer_columns: list[int], signal: np.ndarray
@@ -655,6 +717,9 @@ class History:
 
 _STATE_VERSION = 1
 _NONFINITE = GRAD_METRICS.index("nonfinite")
+_GTW = GRAD_METRICS.index("grad_to_weight")
+_UPD = GRAD_METRICS.index("update_ratio")
+_WN = GRAD_METRICS.index("weight_norm")
 
 
 def _meta(cls: type, data: dict[str, Any] | None) -> Any:

@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -38,6 +39,10 @@ _SCALE_INVARIANT_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Ada
 _CHANNEL_FIRST_FEEDERS = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm")
 
 
+#: common steps recorded (history, sinks) together: whole-array appends instead of per-step work
+_RECORD_BATCH = 10
+
+
 def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
@@ -50,6 +55,12 @@ class GradWatcher:
     Create it with :func:`gradwatch.watch`. Call :meth:`step` after ``loss.backward()`` (after
     ``GradScaler.unscale_``) and before ``optimizer.step()``, or pass ``optimizer=`` and it is called
     for you by an optimizer step pre-hook.
+
+    Cost: a collected step reads every gradient once and copies one small tensor to the host; a
+    common step (no slow statistics, activation sample, histogram or diagnosis due, every value
+    finite) is recorded into :attr:`history` and the sinks together with up to 9 others, in one
+    whole-array append. Reading :attr:`history`, :meth:`diagnose`, :meth:`to_dataframe` and
+    :meth:`close` record pending steps first, so nothing is ever missing from what they return.
 
     Args:
         model: any ``nn.Module`` (``torch.compile`` and DDP wrappers are looked through).
@@ -148,7 +159,9 @@ class GradWatcher:
         self.on_error = on_error
         self.auto_fix = self._normalise_auto_fix(auto_fix)
         self.optimizer = optimizer
-        self.history = History(capacity=history_capacity)
+        self._history = History(capacity=history_capacity)
+        #: common steps whose recording (history, sinks) is batched: (step, statistics, loss)
+        self._deferred: list[tuple[int, StepStats, float]] = []
         self.sinks: list[Sink] = list(sinks)
         self.error: str | None = None
         self.closed = False
@@ -232,6 +245,8 @@ class GradWatcher:
         return names
 
     def _set_layers(self, layers: list[LayerInfo]) -> None:
+        if getattr(self, "_deferred", None):
+            self._flush_deferred()  # recorded under the layers they were measured with
         order = self._recorder.order if self._recorder is not None and self._recorder.done else self.structure.get("order")
         self.layers = depth_order(layers, order)
         self._param_key = tuple(id(p) for layer in self.layers for p in layer.params)
@@ -361,8 +376,18 @@ class GradWatcher:
         stats = self.collector.finish(partials, grad_host, slow)
         # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
         loss_value = float(first.numpy()[n_rows + sizes[1]]) if sizes[2] else (float(loss) if isinstance(loss, int | float) else math.nan)
-        self._record(step, stats, loss_value, first[n_rows:n_rows + sizes[1]] if sizes[1] else None)
-        if self.histogram_every_n_steps and index % self.histogram_every_n_steps == 0 and not self._histograms_due:
+        hist_round = bool(self.histogram_every_n_steps) and index % self.histogram_every_n_steps == 0
+        diagnosing = bool(self.diagnose_every_n_steps) and index and index % self.diagnose_every_n_steps == 0
+        if (stats.fast and not sizes[1] and not self._step_callbacks and not hist_round and not diagnosing
+                and not self._histograms_due):
+            # a common step: recorded with the next ones, in one batch (whole-array history appends)
+            self._deferred.append((step, stats, loss_value))
+            if len(self._deferred) >= _RECORD_BATCH:
+                self._flush_deferred()
+        else:
+            self._flush_deferred()
+            self._record(step, stats, loss_value, first[n_rows:n_rows + sizes[1]] if sizes[1] else None)
+        if hist_round and not self._histograms_due:
             self._histograms_due = list(self.layers)  # a new round (an unfinished one is finished first)
             self._histogram_round_size = sum(layer.numel for layer in self.layers)
         if self._histograms_due:
@@ -372,7 +397,7 @@ class GradWatcher:
                     sink.write_histograms(step, layers)
         for cb in list(self._step_callbacks):
             cb(self, step)
-        if self.diagnose_every_n_steps and index and index % self.diagnose_every_n_steps == 0:
+        if diagnosing:
             self._diagnose_and_publish(step)
         self._after_step(index)
 
@@ -408,6 +433,34 @@ class GradWatcher:
         if (self._sampler is not None and not self.closed and self.calls % self.every_n_steps == 0
                 and self._is_sample(self.collected)):
             self._sampler_arm()
+
+    @property
+    def history(self) -> History:
+        """Everything recorded so far (common steps recorded in batches are flushed into it first)."""
+        if self._deferred:
+            try:
+                self._flush_deferred()
+            except Exception as exc:
+                self._fail(exc)
+        return self._history
+
+    def _flush_deferred(self) -> None:
+        """Record the batched common steps: one whole-array history append, then the sinks."""
+        if not self._deferred:
+            return
+        items, self._deferred = self._deferred, []
+        values = np.stack([stats.values.numpy() for _, stats, _ in items])
+        steps = [step for step, _, _ in items]
+        totals = [stats.total_norm for _, stats, _ in items]
+        self._history.append_steps(steps, self._columns, values, totals, [loss for _, _, loss in items])
+        if self.sinks:
+            layer_names, act_names = self._record_names()
+            extra = dict(self._extra_scalars)
+            for k, step in enumerate(steps):
+                record = StepRecord(step=step, layers=layer_names, values=values[k], total_norm=totals[k],
+                                    loss=items[k][2], activations=act_names, extra=extra)
+                for sink in self.sinks:
+                    sink.write_step(record)
 
     def _record(self, step: int, stats: StepStats, loss: float, sample: torch.Tensor | None) -> None:
         values = stats.values.numpy()
@@ -461,6 +514,7 @@ class GradWatcher:
     # -- results -------------------------------------------------------------------------------
     def set_scalar(self, name: str, value: float) -> None:
         """Attach an extra scalar (e.g. a clipping threshold) to the following step records."""
+        self._flush_deferred()  # earlier steps keep the value they had
         self._extra_scalars[name] = float(value)
 
     def relayer(self) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from gradwatch.collect import GRAD_METRICS
@@ -86,3 +89,37 @@ def test_from_dataframe_round_trips() -> None:
 def test_bad_capacity_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="capacity"):
         History(capacity=0)
+
+
+@pytest.mark.parametrize("capacity", [3, 7, 50])
+def test_append_steps_equals_appending_one_by_one(capacity: int) -> None:
+    """The batched append gives the same history (rings across wrap-around, summary, peaks, losses,
+    non-finite bookkeeping) as appending the same steps one at a time."""
+    rng = np.random.default_rng(capacity)
+    names = ["a", "b", "c"]
+    one, many = History(capacity=capacity), History(capacity=capacity)
+    for h in (one, many):
+        h.register_layers(names, [LayerMeta(type_name="Linear", fan_in=4, numel=20)] * 3)
+    cols = [0, 1, 2]
+    steps = list(range(23))
+    values = rng.lognormal(0, 2, (len(steps), 3, len(GRAD_METRICS)))
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[5, 1, GRAD_METRICS.index("grad_to_weight")] = values[:, :, GRAD_METRICS.index("grad_to_weight")].max() * 2
+    values[9, 2, GRAD_METRICS.index("grad_to_weight")] = values[5, 1, GRAD_METRICS.index("grad_to_weight")]  # a tie
+    values[:, :, GRAD_METRICS.index("nonfinite")] = 0
+    values[12, 0, GRAD_METRICS.index("nonfinite")] = 3
+    totals = rng.random(len(steps)).tolist()
+    losses = [math.nan, *rng.random(len(steps) - 1).tolist()]
+    for s in steps:
+        one.append_step(s, cols, values[s], totals[s], losses[s])
+    for a, b in ((0, 4), (4, 5), (5, 16), (16, 23)):  # batches of several sizes, one of a single step
+        many.append_steps(steps[a:b], cols, values[a:b], totals[a:b], losses[a:b])
+    assert one.total_steps == many.total_steps == len(steps)
+    assert one.first_nonfinite == many.first_nonfinite and one.nonfinite_steps == many.nonfinite_steps == 1
+    pd.testing.assert_frame_equal(one.to_dataframe(), many.to_dataframe())
+    v1, v2 = one.view(), many.view()
+    np.testing.assert_array_equal(v1.steps, v2.steps)
+    np.testing.assert_array_equal(v1.grad, v2.grad)
+    np.testing.assert_array_equal(v1.peak_grad_to_weight, v2.peak_grad_to_weight)
+    assert v1.initial_loss == v2.initial_loss
+    np.testing.assert_array_equal(one._peak_step, many._peak_step)

@@ -280,20 +280,45 @@ def _scalar_steps(path: Path) -> list[int]:
 
 
 def test_step_events_reach_the_writer_every_n_steps_and_all_of_them_at_close(tmp_path: Path) -> None:
-    """Scalars are handed to the writer on a cadence (the writer is flushed here after every step,
-    so what is on disk is what was handed over), in step order, and nothing is lost at close."""
+    """The sink hands step events to the writer on its cadence (the writer is flushed here after every
+    step, so what is on disk is what was handed over), in step order, and nothing is lost at close."""
+    from gradwatch.collect import GRAD_METRICS
+    from gradwatch.sinks import StepRecord
+
     writer = SummaryWriter(str(tmp_path))
     sink = TensorBoardSink(writer, write_every_n_steps=4, histograms=False, figure_every_n_steps=0)
-    model = mlp(nn.ReLU, 3)
     seen = []
-    with gradwatch.watch(model, sinks=[sink], histogram_every_n_steps=0, diagnose_every_n_steps=0) as w:
-        train(model, vector_task(), 10, watcher=w,
-              before_step=lambda step: (writer.flush(), seen.append(len(_scalar_steps(tmp_path)))))
+    for step in range(10):
+        seen.append(len(_scalar_steps(tmp_path)))
+        values = np.full((2, len(GRAD_METRICS)), float(step + 1))
+        sink.write_step(StepRecord(step=step, layers=["fc1", "fc2"], values=values, total_norm=float(step), loss=0.5))
         writer.flush()
-        assert _scalar_steps(tmp_path) == list(range(8))  # steps 8 and 9 still pending
+    assert seen == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]  # whole batches of 4
+    assert _scalar_steps(tmp_path) == list(range(8))  # steps 8 and 9 still pending
+    sink.close()
     assert _scalar_steps(tmp_path) == list(range(10))
-    assert seen == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]  # before each step's statistics: whole batches of 4
     writer.close()
+    assert scalar_map(accumulate(tmp_path))["grad_norm/01.fc2"] == {s: float(s + 1) for s in range(10)}
+
+
+def test_the_watcher_records_common_steps_in_batches_and_loses_none(tmp_path: Path) -> None:
+    """Common steps reach the history and the sinks in batches; reading the history, diagnosing and
+    closing flush them, so every step is there, in order, with the values of its own step."""
+    torch.manual_seed(0)
+    model = mlp(nn.ReLU, 3)
+    with gradwatch.watch(model, log_dir=tmp_path, figure_every_n_steps=0, histogram_every_n_steps=0,
+                         activations=False) as w:
+        train(model, vector_task(), 7, watcher=w)
+        assert w._deferred  # steps 2.. are common ones, not yet recorded
+        assert w.history.total_steps == 7 and not w._deferred  # reading the history flushes them
+        train(model, vector_task(), 16, watcher=w)
+        df = w.to_dataframe()
+    assert sorted(df["step"].unique()) == list(range(23))
+    steps = [e.step for e in accumulate(tmp_path).Scalars("grad_norm/total")]
+    assert steps == list(range(23))
+    norms = df[(df["metric"] == "grad_norm") & (df["layer"] == T.TOTAL_LAYER)].set_index("step")["value"]
+    tb = {e.step: e.value for e in accumulate(tmp_path).Scalars("grad_norm/total")}
+    assert all(tb[s] == pytest.approx(norms[s], rel=1e-6) for s in range(23))
 
 
 def test_writers_other_than_tensorboards_own_get_the_same_events(tmp_path: Path) -> None:
