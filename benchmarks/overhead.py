@@ -472,15 +472,16 @@ def peak_memory(s: Setup, wl: Workload, device: torch.device) -> dict[str, float
 # -- op level --------------------------------------------------------------------------------------
 
 
-def op_timing(device: torch.device, reps: int = 40) -> list[dict[str, Any]]:
-    """Time the statistics alone on the deep MLP's gradients, next to single reductions over the
-    same memory (a read of all gradients is the floor for any per-layer statistic) and next to the
-    peers' own per-step work. Every timed call runs on fresh gradients, right after a backward pass
-    (untimed), as in training: the caches hold what a real step leaves in them."""
+def op_timing(device: torch.device, key: str = "mlp", reps: int = 40) -> list[dict[str, Any]]:
+    """Time the statistics alone on a model's gradients, next to single reductions over the same
+    memory (a read of all gradients is the floor for any per-layer statistic; deep MLP only) and
+    next to the peers' own per-step work. Every timed call runs on fresh gradients, right after a
+    backward pass (untimed), as in training: the caches hold what a real step leaves in them."""
     torch.manual_seed(0)
-    model = deep_mlp().to(device)
+    wl = workloads(True)[key]
+    model = wl.make().to(device)
     g = torch.Generator().manual_seed(0)
-    x, y = (t.to(device) for t in workloads(True)["mlp"].batch(g))
+    x, y = (t.to(device) for t in wl.batch(g))
     params = list(model.parameters())
     named = list(model.named_parameters())
     from gradwatch.collect import GradientCollector
@@ -488,7 +489,7 @@ def op_timing(device: torch.device, reps: int = 40) -> list[dict[str, Any]]:
 
     def backward() -> None:
         model.zero_grad(set_to_none=True)
-        F.mse_loss(model(x), y).backward()
+        wl.loss(model(x), y).backward()
 
     backward()
     layers = discover_layers(model)
@@ -512,6 +513,8 @@ def op_timing(device: torch.device, reps: int = 40) -> list[dict[str, Any]]:
         grad_norm = None
     cases: dict[str, Callable[[], object]] = {
         "floor: _foreach_max (one read of all grads)": lambda: torch._foreach_max(grads()),
+    }
+    singles: dict[str, Callable[[], object]] = {
         "_foreach_norm(2)": lambda: torch._foreach_norm(grads(), 2),
         "_foreach_norm(1)": lambda: torch._foreach_norm(grads(), 1),
         "_foreach_norm(inf)": lambda: torch._foreach_norm(grads(), math.inf),
@@ -521,6 +524,10 @@ def op_timing(device: torch.device, reps: int = 40) -> list[dict[str, Any]]:
         "(g == 0).sum() per tensor": lambda: [(t == 0).sum() for t in grads()],
         "count_nonzero per tensor": lambda: [torch.count_nonzero(t) for t in grads()],
         "isfinite().all() per tensor": lambda: [torch.isfinite(t).all() for t in grads()],
+    }
+    if key == "mlp":
+        cases.update(singles)
+    cases |= {
         "gradwatch per-step stats + host copy": lambda: host(fast.compute_on_device(False)),
         "gradwatch slow-step stats + host copy": lambda: host(slow.compute_on_device(True)),
         "gradwatch watcher.step() (stats + history)": lambda: watcher.step(),
@@ -691,11 +698,13 @@ def main(argv: list[str] | None = None) -> int:
                               "tensorboard_sink": tensorboard_available()}
     started = time.perf_counter()
     if args.ops:
-        rows = op_timing(device)
-        print(f"\nop-level timing on the deep MLP's fresh gradients, right after backward ({device}):")
-        for r in rows:
-            print(f"  {r['op']:<48} median {r['median_ms']:8.3f} ms   IQR {r['q25_ms']:.3f}..{r['q75_ms']:.3f} ms")
-        result["ops"] = rows
+        result["ops"] = {}
+        for key in (args.models.split(",") if args.models else ["mlp", "cnn", "transformer"]):
+            rows = op_timing(device, key, reps=40 if key == "mlp" else 20)
+            print(f"\nop-level timing on the {key}'s fresh gradients, right after backward ({device}):", flush=True)
+            for r in rows:
+                print(f"  {r['op']:<48} median {r['median_ms']:8.3f} ms   IQR {r['q25_ms']:.3f}..{r['q75_ms']:.3f} ms")
+            result["ops"][key] = rows
     elif args.scale:
         result["scale"] = scale_sweep(device, args.quick)
     else:

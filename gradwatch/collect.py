@@ -16,10 +16,10 @@ How the reductions are batched depends on the device, because the costs differ (
   multi-tensor kernels whatever the number of parameters;
 - on CPU, ``_foreach_*`` is a C++ loop of one full reduction per tensor, and any large temporary
   (``abs()``, an infinity norm) costs more than the reduction itself. So large float32 tensors
-  (>= 32K elements) are reduced with a BLAS dot product and ``aminmax`` per tensor -- each reads
-  the tensor once, no temporary, the second read hitting the cache -- and small tensors are
-  stacked by shape (one copy of a few KiB) and reduced along one dimension, so a model with
-  thousands of small layers pays a handful of ops per shape, not per tensor. The slow step's L1
+  (>= 4K elements, or alone with their shape) are reduced with a BLAS dot product (and, on slow
+  steps, ``aminmax``) per tensor -- each reads the tensor once, no temporary -- and small tensors
+  sharing a shape are stacked (one copy of a few KiB) and reduced along one dimension, so a model
+  with thousands of small layers pays a handful of ops per shape, not per tensor. The slow step's L1
   norm and zero count come from ``sign(g)`` in a small reusable scratch buffer:
   ``g . sign(g) = sum |g|`` and ``sign(g) . sign(g)`` = number of non-zeros.
 
@@ -64,9 +64,12 @@ G = {name: i for i, name in enumerate(GRAD_METRICS)}
 _SUMSQ, _L1, _MAX, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ = range(8)
 _N_ROWS = 8
 
-#: CPU: tensors with at least this many elements are reduced one by one with BLAS (the Python call
-#: costs < 10 % of the reduction); smaller ones are stacked by shape and reduced together.
-_BIG = 1 << 15
+#: CPU: tensors with at least this many elements are reduced one by one with BLAS (a call costs
+#: a few microseconds, less than stacking such a tensor would); smaller ones are stacked by shape
+#: and reduced together (a shape held by a single tensor is reduced on its own).
+_BIG = 1 << 12
+#: the same where sums are float64 (a BLAS dot of float32 values rounds each square to float32)
+_BIG_WIDE = 1 << 15
 #: CPU: elements per chunk of the slow step's ``sign`` scratch buffer (4 MiB, stays in cache).
 _CHUNK = 1 << 20
 
@@ -84,6 +87,10 @@ class StepStats:
 
 #: gradient dtypes reduced as they are (anything else -- complex, integer -- goes through ``_as_real_dense``)
 _REAL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+
+
+def _is_flat_f32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.is_contiguous()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -115,19 +122,25 @@ class _Plan:
                  n_layers: int, device: torch.device, acc: torch.dtype, batched: bool):
         self.big: list[int] = []
         groups: dict[tuple, list[int]] = {}
+        narrow = acc == torch.float32  # float64 sums (a float64 gradient on the device): stack small ones in float64
         self.other: list[int] = []
         for j, t in enumerate(tensors):
             if t.numel() == 0:  # contributes nothing (and has no infinity norm)
                 continue
             if not batched:
                 self.other.append(j)
-            elif t.dtype == torch.float32 and t.numel() >= _BIG and t.is_contiguous():
+            elif _is_flat_f32(t) and t.numel() >= (_BIG if narrow else _BIG_WIDE):
                 self.big.append(j)
-            elif t.numel() < _BIG:
+            elif t.numel() < (_BIG if narrow else _BIG_WIDE):
                 groups.setdefault((tuple(t.shape), t.dtype), []).append(j)
             else:
                 self.other.append(j)
-        self.groups = list(groups.values())
+        self.groups = []
+        for members in groups.values():
+            if len(members) == 1 and narrow and _is_flat_f32(tensors[members[0]]):
+                self.big.append(members[0])  # stacking one tensor would only copy it
+            else:
+                self.groups.append(members)
         self.order = self.big + [j for grp in self.groups for j in grp] + self.other
         self.positions = [positions[j] for j in self.order]
         idx = torch.tensor([owner[i] for i in self.positions], dtype=torch.long)  # built on the host,

@@ -165,6 +165,11 @@ class GradWatchCallback(Callback):
         activation_every_n_steps: sample activations every n-th collected step. Default: ``50``.
         histogram_every_n_steps: TensorBoard histograms every n-th collected step, ``0`` never.
             Default: ``100``.
+        histogram_max_elements: gradient elements binned on one step; a round of histograms is
+            spread over consecutive steps (see :class:`gradwatch.GradWatcher`). ``None``: all at
+            once. Default: ``2**20``.
+        slow_stats_every_n: max and mean |g|, zero fractions, weight norms and update ratios every
+            n-th collected step (``1``: every statistic on every step). Default: ``10``.
         figure_every_n_steps: TensorBoard gradient-flow figure every n-th collected step, ``0`` only at
             the end. Default: ``500``.
         diagnose_every_n_steps: recompute the diagnosis (for logs and ``fail_on``) every n-th
@@ -228,6 +233,8 @@ class GradWatchCallback(Callback):
         activations: bool = True,
         activation_every_n_steps: int = 50,
         histogram_every_n_steps: int = 100,
+        histogram_max_elements: int | None = 1 << 20,
+        slow_stats_every_n: int = 10,
         figure_every_n_steps: int = 500,
         diagnose_every_n_steps: int = 100,
         thresholds: Thresholds | None = None,
@@ -250,6 +257,9 @@ class GradWatchCallback(Callback):
         self.log_every_n_steps = None if log_every_n_steps is None else _positive_int("log_every_n_steps", log_every_n_steps)
         self.activation_every_n_steps = _positive_int("activation_every_n_steps", activation_every_n_steps)
         self.histogram_every_n_steps = _positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_zero=True)
+        self.histogram_max_elements = (None if histogram_max_elements is None
+                                       else _positive_int("histogram_max_elements", histogram_max_elements))
+        self.slow_stats_every_n = _positive_int("slow_stats_every_n", slow_stats_every_n)
         self.figure_every_n_steps = _positive_int("figure_every_n_steps", figure_every_n_steps, allow_zero=True)
         self.diagnose_every_n_steps = _positive_int("diagnose_every_n_steps", diagnose_every_n_steps, allow_zero=True)
         self.history_capacity = _positive_int("history_capacity", history_capacity)
@@ -428,6 +438,8 @@ class GradWatchCallback(Callback):
             activations=activations,
             activation_every_n_steps=self.activation_every_n_steps,
             histogram_every_n_steps=self.histogram_every_n_steps,
+            histogram_max_elements=self.histogram_max_elements,
+            slow_stats_every_n=self.slow_stats_every_n,
             figure_every_n_steps=self.figure_every_n_steps,
             diagnose_every_n_steps=self.diagnose_every_n_steps,
             history_capacity=self.history_capacity,

@@ -59,6 +59,8 @@ def _grad_norms(callback: GradWatchCallback) -> pd.DataFrame:
     [
         ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
         ({"histogram_every_n_steps": -1}, "histogram_every_n_steps must be an integer >= 0"),
+        ({"histogram_max_elements": 0}, "histogram_max_elements must be an integer >= 1"),
+        ({"slow_stats_every_n": 0}, "slow_stats_every_n must be an integer >= 1"),
         ({"fail_on": ("nan",)}, "allowed: .*'nonfinite'"),
         ({"metrics": ("grad_nrm",)}, "allowed: .*'grad_norm'"),
         ({"auto_fix": ("magic",)}, "allowed: .*'clip_gradients'"),
