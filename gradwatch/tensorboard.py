@@ -571,9 +571,16 @@ class TensorBoardSink:
                 self._failed("close", exc)
 
     def _at_exit(self) -> None:
-        """Interpreter exit without ``close()``: flush what is pending (no figure: matplotlib may be gone)."""
+        """Interpreter exit without ``close()``: flush what is pending (no figure: matplotlib may be gone),
+        the watcher's batched steps included."""
         if self.closed:
             return
+        record_pending = getattr(self.watcher, "record_pending", None)
+        if callable(record_pending):
+            try:
+                record_pending()
+            except Exception as exc:
+                self._failed("pending steps", exc)
         self.flush()
         self.closed = True
         if self.owns_writer:

@@ -444,6 +444,12 @@ class GradWatcher:
                 self._fail(exc)
         return self._history
 
+    def record_pending(self) -> None:
+        """Record the steps still batched (history and sinks) now; reading :attr:`history`,
+        :meth:`diagnose` or :meth:`close` does it anyway. Sinks call it at interpreter exit."""
+        if self._deferred and not self.closed:
+            self._flush_deferred()
+
     def _flush_deferred(self) -> None:
         """Record the batched common steps: one whole-array history append, then the sinks."""
         if not self._deferred:
