@@ -376,7 +376,8 @@ class GradWatcher:
         stats = self.collector.finish(partials, grad_host, slow)
         # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
         loss_value = float(first.numpy()[n_rows + sizes[1]]) if sizes[2] else (float(loss) if isinstance(loss, int | float) else math.nan)
-        hist_round = bool(self.histogram_every_n_steps) and index % self.histogram_every_n_steps == 0
+        # histogram rounds only where a sink can write them (they also keep steps out of batched recording)
+        hist_round = bool(self.histogram_every_n_steps and self.sinks) and index % self.histogram_every_n_steps == 0
         diagnosing = bool(self.diagnose_every_n_steps) and index and index % self.diagnose_every_n_steps == 0
         if (stats.fast and not sizes[1] and not self._step_callbacks and not hist_round and not diagnosing
                 and not self._histograms_due):
