@@ -565,7 +565,19 @@ _SUM_ROWS = [_SUMSQ, _L1, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ]
 _TINY_SUMSQ = 2.0**-100
 
 
-def reduce_sharded_rows(rows: torch.Tensor, group: object = None, replicas: torch.Tensor | None = None) -> torch.Tensor:
+def zero_rows(n_layers: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Statistic rows of ``n_layers`` layers, all zero: what a failed watcher contributes to a reduction."""
+    return torch.zeros(_N_ROWS, n_layers, dtype=dtype, device=device)
+
+
+class PeerWatcherFailed(RuntimeError):
+    """Raised by :func:`reduce_sharded_rows` on the ranks whose watcher is healthy when the watcher of
+    another rank failed: every rank then stops collecting at the same step (none is left waiting in a
+    collective that a detached watcher no longer joins)."""
+
+
+def reduce_sharded_rows(rows: torch.Tensor, group: object = None, replicas: torch.Tensor | None = None,
+                        failed: bool = False) -> torch.Tensor:
     """All-reduce statistic rows of sharded parameters: sums add up (sum of squares, L1, counts),
     maxima take the max. Every rank must call it at the same step (it is a collective).
 
@@ -575,15 +587,24 @@ def reduce_sharded_rows(rows: torch.Tensor, group: object = None, replicas: torc
         replicas: optional per-layer count of ranks in ``group`` holding a copy of the same elements
             (1 for a layer sharded across all of them, the group size for a replicated one); the
             summed rows are divided by it so replicated layers are not counted several times.
+        failed: this rank's watcher failed: it takes part (``rows`` of the usual shape, zeros) only
+            to tell the others, and the result is meaningless.
+
+    Raises:
+        PeerWatcherFailed: on a rank called with ``failed=False`` when some rank passed ``failed=True``.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return rows
     sums = rows[_SUM_ROWS].contiguous()
-    mx = rows[_MAX].contiguous()
+    # one extra element carries "some rank's watcher failed" through the max reduction (no extra collective)
+    mx = torch.cat([rows[_MAX], rows.new_full((1,), float(failed))])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    if not failed and bool(mx[-1] > 0):
+        raise PeerWatcherFailed("the watcher on another rank failed; every rank stops collecting at this step")
+    mx = mx[:-1]
     if replicas is not None:
         sums = sums / replicas.to(device=sums.device, dtype=sums.dtype)
     out = rows.clone()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS, ActivationSampler
-from gradwatch.collect import GRAD_METRICS, GradientCollector, StepStats
+from gradwatch.collect import GRAD_METRICS, GradientCollector, PeerWatcherFailed, StepStats
 from gradwatch.diagnose import diagnose as run_diagnosis
 from gradwatch.findings import Diagnosis
 from gradwatch.history import ActivationMeta, History, LayerMeta
@@ -181,7 +181,12 @@ class GradWatcher:
         self._pending_loss: Any = None
         #: Optional cross-process reduction of the per-device statistic rows before the host copy,
         #: for sharded parameters (FSDP): ``fn(rows) -> rows`` (see ``collect.reduce_sharded_rows``).
+        #: A collective one also has ``abstain()``: after this watcher fails, it is called instead at
+        #: the next step the other ranks reduce at (it sends zero rows), so they stop there too, raising
+        #: ``collect.PeerWatcherFailed``, instead of waiting for this rank in the collective.
         self.row_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._reduced = False  # this collected step's rows went through row_reducer
+        self._owes_reduction = False  # failed before taking part in the next reduction
 
         layers = discover_layers(self.model)
         if not layers:
@@ -321,7 +326,14 @@ class GradWatcher:
         self._step(loss=loss, global_step=global_step)
 
     def _step(self, loss: Any, global_step: int | None) -> None:
-        if self.closed or self.error is not None:
+        if self.closed:
+            return
+        if self.error is not None:
+            if self._owes_reduction:  # a failed watcher still takes part in the others' next reduction
+                call = self.calls
+                self.calls += 1
+                if call % self.every_n_steps == 0:
+                    self._abstain()
             return
         call = self.calls
         self.calls += 1
@@ -329,6 +341,7 @@ class GradWatcher:
             self._arm_for_next_call()
             return
         index = self.collected
+        self._reduced = False
         try:
             self._collect(call if global_step is None else int(global_step), loss)
         except Exception as exc:
@@ -347,6 +360,7 @@ class GradWatcher:
             self._set_layers(discover_layers(self.model))
         partials = self.collector.compute_on_device(slow)
         if self.row_reducer is not None:
+            self._reduced = True  # (a reducer that raises has taken part in the collective)
             partials = [(device, self.row_reducer(rows), pos) for device, rows, pos in partials]
         if not partials:
             if "no-grad" not in self._warned:
@@ -511,12 +525,32 @@ class GradWatcher:
         return key != self._param_key
 
     def _fail(self, exc: BaseException) -> None:
+        peer = isinstance(exc, PeerWatcherFailed)
+        if not peer and callable(getattr(self.row_reducer, "abstain", None)):
+            # the other ranks reduce at this step (if this one has not yet) or at the next collected one
+            self._owes_reduction = True
+            if not self._reduced:
+                self._abstain()
         if self.on_error == "raise":
             raise exc
         self.error = f"{type(exc).__name__}: {exc}"
-        log.error("gradwatch: watching %s failed (%s); gradwatch detached itself, training continues unaffected. "
-                  "Statistics up to here are kept.", self.name, self.error)
+        if peer:
+            log.warning("gradwatch: watching %s stopped: %s (its error is logged there); statistics up to here are "
+                        "kept, training continues unaffected", self.name, exc)
+        else:
+            log.error("gradwatch: watching %s failed (%s); gradwatch detached itself, training continues unaffected. "
+                      "Statistics up to here are kept.", self.name, self.error)
         self._detach()
+
+    def _abstain(self) -> None:
+        """Take part in the row reduction this failed watcher owes the other ranks (zero rows: the others
+        learn that it failed and stop collecting at the same step)."""
+        self._owes_reduction = False
+        self._reduced = True
+        try:
+            self.row_reducer.abstain()
+        except Exception as exc:  # the collective itself broke: nothing more to take part in
+            log.debug("gradwatch: the reduction taken part in after a failure raised: %s", exc)
 
     # -- results -------------------------------------------------------------------------------
     def set_scalar(self, name: str, value: float) -> None:

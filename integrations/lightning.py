@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from gradwatch.activations import ACT_METRICS
-from gradwatch.collect import GRAD_METRICS, reduce_sharded_rows, scale_rows
+from gradwatch.collect import GRAD_METRICS, reduce_sharded_rows, scale_rows, zero_rows
 from gradwatch.findings import FINDING_KINDS, FIX_NAMES, Diagnosis
 from gradwatch.fixes import apply_fixes
 from gradwatch.integrations import lightning_fixes as _fixes
@@ -456,9 +456,8 @@ class GradWatchCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         watcher.history.context["amp_loss_scaling"] = scaler is not None
         self._unscale = _Unscaler(scaler) if scaler is not None else None
-        reducer = _ShardReducer.for_trainer(trainer, pl_module, watcher)
-        if reducer is not None or self._unscale is not None:
-            watcher.row_reducer = _compose(reducer, self._unscale)
+        reducer = _ShardReducer.for_trainer(trainer, pl_module, watcher, then=self._unscale)
+        watcher.row_reducer = reducer if reducer is not None else self._unscale
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
@@ -1076,18 +1075,24 @@ class _ShardReducer:
     """All-reduces per-layer statistic rows across ranks for sharded parameters (FSDP2/DTensor, FSDP).
 
     Sums are divided by each layer's replica count (how many ranks hold a copy of the same elements)
-    so a layer that is replicated rather than sharded is not counted once per rank.
+    so a layer that is replicated rather than sharded is not counted once per rank. ``then`` (e.g. the
+    AMP unscaling) is applied to the reduced rows. A collective: after the watcher of this rank fails,
+    it takes part once more through :meth:`abstain`, and the watchers of the other ranks stop at that step.
     """
 
-    def __init__(self, watcher: GradWatcher, world_size: int, flat_sharded: bool) -> None:
+    def __init__(self, watcher: GradWatcher, world_size: int, flat_sharded: bool,
+                 then: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.watcher = watcher
         self.world_size = world_size
         self.flat_sharded = flat_sharded  # FSDP1 (use_orig_params): plain tensors that are local shards
+        self.then = then
         self._layers: list[Any] | None = None
         self._replicas: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None  # the last rows reduced: shape, dtype and device to abstain with
 
     @classmethod
-    def for_trainer(cls, trainer: Trainer, module: torch.nn.Module, watcher: GradWatcher) -> _ShardReducer | None:
+    def for_trainer(cls, trainer: Trainer, module: torch.nn.Module, watcher: GradWatcher,
+                    then: Callable[[torch.Tensor], torch.Tensor] | None = None) -> _ShardReducer | None:
         world_size = trainer.world_size
         if world_size <= 1:
             return None
@@ -1095,7 +1100,7 @@ class _ShardReducer:
         # flat shard. FSDP2 / ModelParallelStrategy / tensor parallelism: DTensor parameters.
         fsdp1 = isinstance(trainer.strategy, FSDPStrategy)
         dtensor = any(_is_dtensor(p) for p in module.parameters())
-        return cls(watcher, world_size, flat_sharded=fsdp1) if dtensor or fsdp1 else None
+        return cls(watcher, world_size, flat_sharded=fsdp1, then=then) if dtensor or fsdp1 else None
 
     def replicas(self) -> torch.Tensor:
         layers = self.watcher.layers
@@ -1122,7 +1127,19 @@ class _ShardReducer:
         return 1 if self.flat_sharded else self.world_size
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return reduce_sharded_rows(rows, None, replicas=self.replicas())
+        self._last = rows
+        rows = reduce_sharded_rows(rows, None, replicas=self.replicas())
+        return self.then(rows) if self.then is not None else rows
+
+    def abstain(self) -> None:
+        """Take part in this step's reduction with zero rows, telling every rank that this one's watcher failed."""
+        last = self._last
+        if last is not None:
+            rows = torch.zeros_like(last)
+        else:  # failed before its first reduction: the rows the collector would have made
+            params = [p for layer in self.watcher.layers for p in layer.params]
+            rows = zero_rows(len(self.watcher.layers), device=params[0].device if params else None)
+        reduce_sharded_rows(rows, None, replicas=self.replicas(), failed=True)
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -1131,17 +1148,6 @@ def _is_dtensor(t: Any) -> bool:
     except ImportError:  # torch built without distributed support
         return False
     return isinstance(t, DTensor)
-
-
-def _compose(*fns: Any) -> Any:
-    chain = [f for f in fns if f is not None]
-
-    def reduce(rows: torch.Tensor) -> torch.Tensor:
-        for f in chain:
-            rows = f(rows)
-        return rows
-
-    return reduce
 
 
 __all__ = ["DEFAULT_METRICS", "GradWatchCallback", "GradientHealthError", "replay_checkpoint"]

@@ -25,7 +25,7 @@ GLOBAL_METRICS = ("grad_norm", "grad_mean_abs", "grad_max_abs", "grad_zero_frac"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _run(mode: str, out: Path, timeout: float = 240) -> None:
+def _run(mode: str, out: Path, timeout: float = 240) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, str(out)], cwd=str(SCRIPT.parent), env=env,
@@ -37,6 +37,7 @@ def _run(mode: str, out: Path, timeout: float = 240) -> None:
         output, _ = proc.communicate()
         pytest.fail(f"{mode} run did not finish in {timeout}s (a rank hangs?)\n{output[-4000:]}")
     assert proc.returncode == 0, output[-6000:]
+    return output
 
 
 def _rank(out: Path, rank: int) -> tuple[pd.DataFrame, dict]:
@@ -113,3 +114,28 @@ def test_ddp_fail_on_decided_on_one_rank_stops_every_rank_at_the_same_step(tmp_p
     assert [r["stopped_at"] for r in results] == [2, 2]
     assert all(r["global_step"] == 2 for r in results)
     assert "another rank" in results[0]["message"]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_fsdp2_watcher_failing_on_one_rank_detaches_every_rank_together_without_a_hang(tmp_path: Path,
+                                                                                       where: str) -> None:
+    # Rank 1's watcher fails at step 3, before or after that step's row reduction (a collective). It keeps
+    # taking part until the other rank knows: both stop collecting at the same step, rank 0 with a warning
+    # that names the cause, and nobody waits in the reduction until the collective timeout.
+    from dist_script import DETACH_AT, DETACH_TIMEOUT_S
+
+    output = _run(f"fsdp2_detach_{where}", tmp_path, timeout=240)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["global_step"] == r1["global_step"] == 12  # 64 samples / 2 ranks / batch 8 = 4 steps, 3 epochs: all ran
+    assert f"rank-local gradwatch failure {where} the reduction" in r1["error"]
+    assert "PeerWatcherFailed" in r0["error"] and "another rank" in r0["error"]
+    # every_n_steps=2: collected steps 0, 2, 4, ...; the first collected step from DETACH_AT on is 4. Before
+    # the reduction, rank 1 takes part at step 4 itself; after it, step 4 is recorded and rank 1 takes part
+    # at the next collected step, 6. Either way both ranks recorded the same steps.
+    first = next(s for s in range(DETACH_AT, 12) if s % 2 == 0)
+    recorded = list(range(0, first if where == "before" else first + 2, 2))
+    assert r0["steps"] == r1["steps"] == recorded
+    assert r0["seconds"] < DETACH_TIMEOUT_S  # no rank sat out the collective timeout
+    failures = [line for line in output.splitlines() if "gradwatch: watching" in line and "failed (" in line]
+    stopped = [line for line in output.splitlines() if "gradwatch: watching" in line and "stopped:" in line]
+    assert len(failures) == 1 and len(stopped) == 1, output[-4000:]
