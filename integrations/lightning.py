@@ -9,6 +9,7 @@ callback over the framework-free :class:`gradwatch.GradWatcher`.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import math
@@ -381,6 +382,8 @@ class GradWatchCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer_ref = weakref.ref(trainer)
         self._module_ref = weakref.ref(pl_module)
+        if trainer.world_size > 1:
+            _destroy_gloo_group_at_exit()
         if stage == "fit" and isinstance(trainer.strategy, DeepSpeedStrategy):
             rank_zero_warn("gradwatch: DeepSpeed keeps gradients in its own partitioned buffers (`param.grad` is None "
                            "under ZeRO stage 2/3), so GradWatchCallback may record no gradient statistics")
@@ -1140,6 +1143,34 @@ class _ShardReducer:
             params = [p for layer in self.watcher.layers for p in layer.params]
             rows = zero_rows(len(self.watcher.layers), device=params[0].device if params else None)
         reduce_sharded_rows(rows, None, replicas=self.replicas(), failed=True)
+
+
+_EXIT_HANDLER: list[Callable[[], None]] = []
+
+
+def _destroy_gloo_group_at_exit() -> None:
+    """Destroy a gloo default process group at interpreter exit, before finalization (once per process).
+
+    Lightning registers this for NCCL only. A gloo group left alive at exit keeps its worker threads,
+    which may still hold the tensors of the last collective (e.g. the ``fail_on`` decision, right
+    before training stops): releasing one during interpreter finalization needs the GIL, the thread
+    is torn down inside a ``noexcept`` destructor, and the process aborts with "terminate called
+    without an active exception" (SIGABRT) instead of exiting cleanly. Destroying the group while the
+    interpreter is alive joins those threads first.
+    """
+    import torch.distributed as dist
+
+    if _EXIT_HANDLER or not (dist.is_available() and dist.is_initialized()):
+        return
+    if "gloo" not in str(dist.get_backend()):
+        return
+
+    def destroy() -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    _EXIT_HANDLER.append(destroy)
+    atexit.register(destroy)
 
 
 def _is_dtensor(t: Any) -> bool:
