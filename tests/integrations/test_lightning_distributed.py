@@ -126,12 +126,13 @@ def test_fsdp2_watcher_failing_on_one_rank_detaches_every_rank_together_without_
     # Rank 1's watcher fails at step 3, before or after that step's row reduction (a collective). It keeps
     # taking part until the other rank knows: both stop collecting at the same step, rank 0 with a warning
     # that names the cause, and nobody waits in the reduction until the collective timeout.
-    from dist_script import DETACH_AT, DETACH_TIMEOUT_S
+    from dist_script import DETACH_AT
 
     output = _run(f"fsdp2_detach_{where}", tmp_path, timeout=240)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["global_step"] == r1["global_step"] == 12  # 64 samples / 2 ranks / batch 8 = 4 steps, 3 epochs: all ran
     assert f"rank-local gradwatch failure {where} the reduction" in r1["error"]
+    # rank 0 learned it from the reduction itself, not from a collective timeout (which also fails the run)
     assert "PeerWatcherFailed" in r0["error"] and "another rank" in r0["error"]
     # every_n_steps=2: collected steps 0, 2, 4, ...; the first collected step from DETACH_AT on is 4. Before
     # the reduction, rank 1 takes part at step 4 itself; after it, step 4 is recorded and rank 1 takes part
@@ -139,7 +140,6 @@ def test_fsdp2_watcher_failing_on_one_rank_detaches_every_rank_together_without_
     first = next(s for s in range(DETACH_AT, 12) if s % 2 == 0)
     recorded = list(range(0, first if where == "before" else first + 2, 2))
     assert r0["steps"] == r1["steps"] == recorded
-    assert r0["seconds"] < DETACH_TIMEOUT_S  # no rank sat out the collective timeout
     failures = [line for line in output.splitlines() if "gradwatch: watching" in line and "failed (" in line]
     stopped = [line for line in output.splitlines() if "gradwatch: watching" in line and "stopped:" in line]
     assert len(failures) == 1 and len(stopped) == 1, output[-4000:]
