@@ -43,6 +43,7 @@ def test_demo_quick_one_model_writes_logs_and_prints_the_table(tmp_path):
     assert "tensorboard --logdir tmp" in out
 
 
+@pytest.mark.slow  # a `gradwatch demo` subprocess
 def test_demo_unknown_model_is_a_usage_error(tmp_path):
     proc = run_demo("--model", "nope", cwd=tmp_path)
     assert proc.returncode == 2

@@ -76,6 +76,7 @@ def test_report_names_the_vanishing_early_layers_and_writes_png_and_csv(logdir, 
         assert len(csv) >= len(live[name][1])
 
 
+@pytest.mark.slow  # a `python -m gradwatch` subprocess
 def test_python_dash_m_gradwatch_report(logdir, tmp_path) -> None:
     root, _ = logdir
     proc = subprocess.run([sys.executable, "-m", "gradwatch", "report", str(root / "deep_sigmoid"), "--no-files"],

@@ -73,6 +73,7 @@ def _foreign_run(path: Path) -> None:
     writer.close()
 
 
+@pytest.mark.slow  # one `gradwatch report` subprocess per damaged run (an interpreter start-up each)
 def test_cli_reports_what_it_read_and_skipped_from_damaged_runs(event_bytes: tuple[str, bytes], tmp_path: Path) -> None:
     name, data = event_bytes
     records = _records(data)
