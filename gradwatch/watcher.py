@@ -43,6 +43,36 @@ _CHANNEL_FIRST_FEEDERS = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "In
 _RECORD_BATCH = 10
 
 
+def _hookable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``step()`` really updates the weights, for the step pre-hook.
+
+    Wrappers such as accelerate's ``AcceleratedOptimizer`` subclass ``torch.optim.Optimizer`` without
+    running its ``__init__`` (so they cannot take hooks) and keep the real optimizer in ``.optimizer``.
+    Hooking the wrapped optimizer is also what makes the collection right under them: its ``step()``
+    runs only on steps where gradients are synchronised (``accelerator.accumulate``), and under fp16
+    mixed precision only after ``GradScaler`` unscaled the gradients (an overflow step, which the
+    scaler skips, is not collected). Its class name is also the one the diagnosis needs (Adam-like
+    optimizers are invariant to gradient scale).
+    """
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) and inner.optimizer is not inner:
+        inner = inner.optimizer
+    return inner
+
+
+def _register_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable[..., None]) -> Any:
+    """``register_step_pre_hook`` on ``optimizer``, or a gradwatch error saying what to do instead."""
+    try:
+        return optimizer.register_step_pre_hook(hook)
+    except AttributeError as exc:
+        raise TypeError(
+            f"gradwatch.watch(optimizer=...): {type(optimizer).__name__} does not support optimizer step hooks "
+            f"({exc}); it subclasses torch.optim.Optimizer without initialising it and wraps no optimizer that "
+            "does. Pass the underlying torch optimizer, or pass hook_optimizer=False and call watcher.step() "
+            "after backward and before optimizer.step() yourself."
+        ) from None
+
+
 def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
@@ -137,6 +167,7 @@ class GradWatcher:
             raise TypeError(f"gradwatch.watch expects a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        base_optimizer = _hookable_optimizer(optimizer) if optimizer is not None else None
         if on_error not in ("detach", "raise"):
             raise ValueError(f"on_error must be 'detach' or 'raise', got {on_error!r}")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
@@ -199,9 +230,9 @@ class GradWatcher:
                 f"({other.name!r}). Call .close() on it first (or use `with gradwatch.watch(...)`)."
             )
         _WATCHED[self.model] = self
-        self.history.context["optimizer"] = type(optimizer).__name__ if optimizer is not None else None
+        self.history.context["optimizer"] = type(base_optimizer).__name__ if base_optimizer is not None else None
         self.history.context["optimizer_scale_invariant"] = (
-            type(optimizer).__name__ in _SCALE_INVARIANT_OPTIMIZERS if optimizer is not None else None
+            type(base_optimizer).__name__ in _SCALE_INVARIANT_OPTIMIZERS if base_optimizer is not None else None
         )
         lrs = [g.get("lr") for g in optimizer.param_groups] if optimizer is not None else []
         lr_values = [float(v) for v in lrs if isinstance(v, int | float)]
@@ -212,7 +243,7 @@ class GradWatcher:
             self._sampler_arm()
         self._hook_optimizer = bool(hook_optimizer)
         if optimizer is not None and self._hook_optimizer:
-            self._handles.append(optimizer.register_step_pre_hook(self._optimizer_pre_hook))
+            self._handles.append(_register_pre_hook(base_optimizer, self._optimizer_pre_hook))
         self.autofixer = None
         if self.auto_fix:
             if optimizer is None:
@@ -556,7 +587,7 @@ class GradWatcher:
     def note_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
         """Tell the diagnosis which optimizer(s) update the model, without hooking them (the caller
         collects). Adam-like optimizers are invariant to gradient scale, which changes the fixes."""
-        names = [type(opt).__name__ for opt in optimizers]
+        names = [type(_hookable_optimizer(opt)).__name__ for opt in optimizers]
         self.history.context["optimizer"] = ", ".join(dict.fromkeys(names)) if names else None
         self.history.context["optimizer_scale_invariant"] = (
             all(n in _SCALE_INVARIANT_OPTIMIZERS for n in names) if names else None
