@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -685,6 +686,48 @@ class GradWatcher:
         return f"GradWatcher({self.name!r}, layers={len(self.layers)}, collected={self.collected}, closed={self.closed})"
 
 
+#: ``GradWatcher`` options that are counts or cadences: name -> whether 0 is allowed
+_COUNT_OPTIONS = {"every_n_steps": False, "slow_stats_every_n": False, "activation_every_n_steps": False,
+                  "histogram_every_n_steps": True, "figure_every_n_steps": True, "diagnose_every_n_steps": True,
+                  "history_capacity": False, "auto_fix_probe_steps": False, "auto_fix_verify_steps": False}
+
+
+def check_watch_options(options: Mapping[str, Any], *, exclude: Iterable[str] = (),
+                        caller: str = "gradwatch.watch") -> None:
+    """Validate :func:`watch` keyword options before there is a model to watch.
+
+    Training integrations take ``watch``'s options in their constructor and create the watcher only
+    when training starts; this checks them at construction, with the checks ``GradWatcher`` itself
+    runs, so a typo fails where it was made.
+
+    Args:
+        options: keyword options as they would be passed to :func:`watch`.
+        exclude: option names that do not apply to the caller (rejected like unknown ones).
+        caller: named in error messages.
+
+    Raises:
+        TypeError: an unknown or excluded option name, or a wrongly typed ``thresholds``.
+        ValueError: a count or cadence out of range, an unknown ``on_error`` or fix name.
+    """
+    allowed = [n for n in inspect.signature(GradWatcher.__init__).parameters
+               if n not in ("self", "model") and n not in set(exclude)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{caller}: unknown or inapplicable option(s) {unknown}; allowed: {allowed}")
+    for name, allow_zero in _COUNT_OPTIONS.items():
+        if name in options:
+            _check_every(name, options[name], allow_zero=allow_zero)
+    if options.get("histogram_max_elements") is not None:
+        _check_every("histogram_max_elements", options["histogram_max_elements"])
+    if options.get("on_error", "detach") not in ("detach", "raise"):
+        raise ValueError(f"on_error must be 'detach' or 'raise', got {options['on_error']!r}")
+    thresholds = options.get("thresholds")
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(f"thresholds must be a gradwatch.Thresholds, got {type(thresholds).__name__}")
+    if "auto_fix" in options:
+        GradWatcher._normalise_auto_fix(options["auto_fix"])
+
+
 def watch(model: nn.Module, **kwargs: Any) -> GradWatcher:
     """Start watching ``model``'s gradients. See :class:`GradWatcher` for the keyword arguments.
 
@@ -697,4 +740,4 @@ def watch(model: nn.Module, **kwargs: Any) -> GradWatcher:
 
 
 
-__all__ = ["GradWatcher", "watch", "GRAD_METRICS", "ACT_METRICS", "LAYER_SIGNAL_METRICS"]
+__all__ = ["GradWatcher", "watch", "check_watch_options", "GRAD_METRICS", "ACT_METRICS", "LAYER_SIGNAL_METRICS"]
