@@ -181,31 +181,25 @@ def _nan_gradient_at(model: torch.nn.Module, layer: str, call: int) -> None:
     model.get_submodule(layer).weight.register_hook(hook)
 
 
-def test_fail_on_nonfinite_stops_training_naming_the_layer(tmp_path: Path) -> None:
-    model = gpt2()
-    _nan_gradient_at(model, "transformer.h.1.mlp.c_fc", call=3)
+BROKEN_LAYER = {"gpt2": "transformer.h.1.mlp.c_fc", "bert": "bert.encoder.layer.1.intermediate.dense",
+                "llama": "model.layers.1.mlp.up_proj"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fail_on_nonfinite_stops_training_naming_the_layer(name: str, tmp_path: Path) -> None:
+    model, layer = MODELS[name](), BROKEN_LAYER[name]
+    _nan_gradient_at(model, layer, call=3)
     callback = GradWatchTrainerCallback(fail_on=("nonfinite",))
     trainer = make_trainer(tmp_path, callback, model, max_steps=8)  # max_grad_norm=1.0: the Trainer would clip
     trainer.train()
     assert trainer.state.global_step == 3  # stopped through control.should_training_stop
     assert callback.stop_reason is not None and "step 3" in callback.stop_reason
-    assert "transformer.h.1.mlp.c_fc" in callback.stop_reason
+    assert layer in callback.stop_reason
     findings = callback.diagnosis.by_kind("nonfinite") if callback.diagnosis is not None else []
     # collected before clipping: the NaN stays in its layer (clipping by a NaN norm spreads it everywhere)
-    assert findings and findings[0].layers == ("transformer.h.1.mlp.c_fc",)
+    assert findings and findings[0].layers == (layer,)
     # HF's own log hides it: the loss and its curve stay finite
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
-
-
-def test_overscaled_initialisation_is_found_in_the_right_layers(tmp_path: Path) -> None:
-    model = llama()
-    with torch.no_grad():
-        for layer in (model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.up_proj):
-            layer.weight.mul_(1e-4)  # two projections of the first block start nearly dead
-    callback = GradWatchTrainerCallback(diagnose_every_n_steps=10)
-    make_trainer(tmp_path, callback, model, max_steps=30).train()
-    diag = callback.diagnosis
-    assert diag is not None and not diag.healthy, str(diag)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
