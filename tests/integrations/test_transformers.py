@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import math
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -250,3 +253,34 @@ def test_the_lightning_integration_does_not_import_transformers() -> None:
             for name in names:
                 assert name.split(".")[0] not in ("transformers", "accelerate"), f"{path.name} imports {name}"
                 assert name != "gradwatch.integrations.transformers", f"{path.name} imports {name}"
+
+
+# -- DDP ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_two_processes_record_identical_statistics_and_rank_zero_writes(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent / "transformers_ddp_script.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the DDP run did not finish in 180 s (a rank hangs?)\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["collected"] == ranks[1]["collected"] == 4  # once per optimizer step (accumulation 2)
+    assert ranks[0]["values"].keys() == ranks[1]["values"].keys() and ranks[0]["values"]
+    for key, value in ranks[0]["values"].items():  # all-reduced gradients: the same numbers on every rank
+        assert ranks[1]["values"][key] == pytest.approx(value, rel=1e-6), key
+    totals = {int(k.split("|")[2]): v for k, v in ranks[0]["values"].items() if k.startswith("grad_norm|(total)|")}
+    hf = {int(k): v for k, v in ranks[0]["hf_grad_norm"].items()}
+    assert all(totals[s] == pytest.approx(hf[s], rel=1e-4) for s in hf) and len(hf) == 4  # unclipped
+    assert ranks[0]["clipped_steps"] == ranks[1]["clipped_steps"] == [1, 2, 3, 4]
+    events = list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    assert len(events) == 1, events  # rank zero writes, alone
