@@ -135,6 +135,18 @@ def test_gradient_accumulation_collects_once_per_optimizer_step(tmp_path: Path) 
     assert callback.clip_threshold is None and not callback.clipped_steps
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_statistics_are_those_of_the_true_gradients(precision: str, tmp_path: Path) -> None:
+    # on CPU both run under autocast without a GradScaler (the fp16 loss-scaling path needs a GPU)
+    callback = GradWatchTrainerCallback()
+    trainer = make_trainer(tmp_path, callback, max_steps=3, **{precision: True})
+    trainer.train()
+    ours, hf = total_norms(callback), hf_grad_norms(trainer)
+    assert sorted(ours) == sorted(hf) == [1, 2, 3]
+    assert all(math.isfinite(ours[s]) and ours[s] == pytest.approx(hf[s], rel=1e-4) for s in ours)
+    assert not callback.skipped_steps
+
+
 def test_tensorboard_output_joins_the_trainers_own_run(tmp_path: Path) -> None:
     callback = GradWatchTrainerCallback(histogram_every_n_steps=2)
     trainer = make_trainer(tmp_path, callback, report_to="tensorboard", max_steps=4)
