@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import logging
 import math
@@ -296,3 +297,14 @@ def test_ddp_two_processes_record_identical_statistics_and_rank_zero_writes(tmp_
     assert ranks[0]["clipped_steps"] == ranks[1]["clipped_steps"] == [1, 2, 3, 4]
     events = list((tmp_path / "tb").rglob("events.out.tfevents*"))
     assert len(events) == 1, events  # rank zero writes, alone
+
+
+# -- the example ---------------------------------------------------------------------------------------
+def test_hf_trainer_example_runs_and_stops_on_a_nan(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gradwatch_example_hf_trainer", ROOT / "examples" / "hf_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    callback = module.main(["--fast", "--output-dir", str(tmp_path), "--nan-at-step", "5"])
+    assert callback.stop_reason is not None and "step 5" in callback.stop_reason
+    assert "transformer.h.1.mlp.c_fc" in callback.stop_reason
+    assert list((tmp_path / "runs").rglob("events.out.tfevents*"))
