@@ -330,9 +330,13 @@ class GradWatchTrainerCallback(TrainerCallback):
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         """Continue the history saved with the checkpoint being resumed (``checkpoint-<global_step>``)."""
         path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / STATE_FILE
-        if not path.is_file() or self.watcher is None:
+        if self.watcher is None:
             return
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if not path.is_file():
+            log.info("gradwatch: resuming at step %d without a gradient history (no %s); it starts afresh",
+                     state.global_step, path)
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # plain data and tensors only
         self.watcher.history.load_state_dict(saved["history"])
         self.clipped_steps = list(saved.get("clipped_steps", []))
         self.skipped_steps = list(saved.get("skipped_steps", []))
