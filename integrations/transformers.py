@@ -9,6 +9,7 @@ a thin callback over the framework-free :class:`gradwatch.GradWatcher`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gradwatch.findings import FINDING_KINDS, Diagnosis
@@ -151,6 +153,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._diagnosis: Diagnosis | None = None
         self._logged_signature: tuple | None = None
         self._seen_nonfinite = 0
+        self._optimizer_steps = 0  # on_pre_optimizer_step calls this run (the same count on every rank)
         self._scaler: Any = None
         self._restore_max_grad_norm: float | None = None
 
@@ -190,6 +193,7 @@ class GradWatchTrainerCallback(TrainerCallback):
             self.watcher.close()
         self._diagnosis, self._logged_signature, self.stop_reason = None, None, None
         self.clipped_steps, self.skipped_steps = [], []
+        self._optimizer_steps = 0
         self.watcher = GradWatcher(model, hook_optimizer=False, **self.watch_options)
         watcher = self.watcher
         if optimizer is not None:
@@ -252,6 +256,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         if watcher is None:
             return control
         step = int(state.global_step) + 1  # the number this update gets in HF's own logs
+        self._optimizer_steps += 1
         watcher.step(global_step=step)
         if self.clip_threshold is not None and model is not None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -272,15 +277,21 @@ class GradWatchTrainerCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
         watcher = self.watcher
-        every = watcher.diagnose_every_n_steps if watcher is not None else 0
-        if watcher is None or not every or not watcher.collected or watcher.collected % every:
+        # The cadence counts optimizer steps (the same on every rank, even one whose watcher detached
+        # after an error), so every rank reaches the fail_on collective below together.
+        every = watcher.diagnose_every_n_steps * watcher.every_n_steps if watcher is not None else 0
+        if watcher is None or not every or self._optimizer_steps % every:
             return control
-        diag = self.diagnose()
-        if self.verbose and state.is_world_process_zero and diag.signature() != self._logged_signature:
+        diag = self.diagnose() if watcher.history.total_steps else None
+        if (diag is not None and self.verbose and state.is_world_process_zero
+                and diag.signature() != self._logged_signature):
             self._logged_signature = diag.signature()
             log.log(logging.INFO if diag.healthy else logging.WARNING, "gradwatch diagnosis at step %d:\n%s",
                     state.global_step, for_logs(diag))
-        failing = [f for f in diag.findings if f.kind in self.fail_on and not (f.kind == "nonfinite" and self._scaler)]
+        if not self.fail_on:
+            return control
+        failing = [f for f in (diag.findings if diag is not None else ())
+                   if f.kind in self.fail_on and not (f.kind == "nonfinite" and self._scaler)]
         if _any_rank(bool(failing), args):
             what = "; ".join(f"{f.kind} ({f.severity}) in {', '.join(f.layers[:4]) or 'the model'}: {f.message}"
                              for f in failing) or "a finding named in fail_on appeared on another rank"
@@ -326,6 +337,11 @@ class GradWatchTrainerCallback(TrainerCallback):
         torch.save({"version": _STATE_VERSION, "history": self.watcher.history.state_dict(),
                     "clipped_steps": list(self.clipped_steps), "skipped_steps": list(self.skipped_steps)},
                    folder / STATE_FILE)
+        if self._restore_max_grad_norm is not None and (folder / TRAINING_ARGS_NAME).is_file():
+            # the Trainer saved the arguments while this callback held the clipping: keep the user's value
+            saved_args = copy.copy(args)
+            saved_args.max_grad_norm = self._restore_max_grad_norm
+            torch.save(saved_args, folder / TRAINING_ARGS_NAME)
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         """Continue the history saved with the checkpoint being resumed (``checkpoint-<global_step>``)."""

@@ -181,7 +181,8 @@ def test_healthy_models_get_a_one_line_healthy_verdict(name: str, tmp_path: Path
     make_trainer(tmp_path, callback, MODELS[name](), max_steps=30).train()
     diag = callback.diagnosis
     assert diag is not None and diag.healthy, str(diag)
-    assert not [r for r in gradwatch_logs.records if r.levelno >= logging.WARNING], gradwatch_logs.text
+    assert not [r for r in gradwatch_logs.records if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING], \
+        gradwatch_logs.text
     final = [r.getMessage() for r in gradwatch_logs.records if "end of training" in r.getMessage()]
     assert len(final) == 1 and len(final[0].splitlines()) == 2 and final[0].endswith("layers found"), final
 
@@ -224,6 +225,8 @@ def test_resume_from_checkpoint_continues_the_history(tmp_path: Path) -> None:
     make_trainer(tmp_path, first, max_steps=6, save_strategy="steps", save_steps=3).train()
     checkpoint = tmp_path / "out" / "checkpoint-3"
     assert (checkpoint / STATE_FILE).is_file()
+    saved_args = torch.load(checkpoint / "training_args.bin", weights_only=False)
+    assert saved_args.max_grad_norm == 1.0  # the user's value, not the 0 the Trainer ran with
     resumed = GradWatchTrainerCallback()
     trainer = make_trainer(tmp_path, resumed, max_steps=6)
     trainer.train(resume_from_checkpoint=str(checkpoint))
