@@ -166,6 +166,16 @@ def test_tensorboard_output_joins_the_trainers_own_run(tmp_path: Path) -> None:
     assert any(t.startswith("grad_hist/") for t in acc.Tags()["histograms"])
 
 
+def test_tensorboard_logging_dir_from_the_environment_is_followed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    make_trainer(tmp_path, GradWatchTrainerCallback(), report_to="tensorboard", max_steps=2).train()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"train/loss", "grad_norm/total"} <= set(acc.Tags()["scalars"])
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_report_to_none_writes_no_files(tmp_path: Path) -> None:
     callback = GradWatchTrainerCallback()
     make_trainer(tmp_path, callback, max_steps=2).train()
