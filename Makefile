@@ -14,7 +14,7 @@ STAMP := $(VENV)/.gradwatch-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[lightning,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[lightning,dev,transformers]"
 	touch $(STAMP)
 
 demo: $(STAMP)

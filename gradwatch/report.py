@@ -37,6 +37,27 @@ def _finding_lines(f: Finding) -> list[str]:
     return lines
 
 
+def verdict(diagnosis: Diagnosis) -> str:
+    """One line for training logs: why the run is healthy, or which findings it has in which layers.
+
+    Training integrations log this instead of the whole report when the run is healthy: the report's
+    per-layer table has one row per layer (94 for a small Transformer) and says nothing a healthy
+    verdict does not. ``str(diagnosis)`` is the full report, for findings and on request.
+    """
+    d = diagnosis
+    span = f" (steps {d.steps[0]}-{d.steps[1]}, {len(d.layers)} layers)" if d.steps else ""
+    if d.healthy:
+        return f"gradwatch diagnosis{span}: healthy - no vanishing, exploding, non-finite, dead or saturated layers found"
+    kinds = "; ".join(f"{f.kind} ({f.severity}) in {', '.join(f.layers[:4])}{' ...' if len(f.layers) > 4 else ''}"
+                      for f in d.findings)
+    return f"gradwatch diagnosis{span}: {kinds}"
+
+
+def for_logs(diagnosis: Diagnosis) -> str:
+    """What training integrations log: the one-line :func:`verdict` when healthy, else the full report."""
+    return verdict(diagnosis) if diagnosis.healthy else render_report(diagnosis)
+
+
 def render_report(diagnosis: Diagnosis, max_layers: int = 60) -> str:
     """The readable report: verdict, findings with evidence and fixes, per-layer table in depth order."""
     d = diagnosis

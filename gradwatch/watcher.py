@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,36 @@ _CHANNEL_FIRST_FEEDERS = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "In
 
 #: common steps recorded (history, sinks) together: whole-array appends instead of per-step work
 _RECORD_BATCH = 10
+
+
+def _hookable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``step()`` really updates the weights, for the step pre-hook.
+
+    Wrappers such as accelerate's ``AcceleratedOptimizer`` subclass ``torch.optim.Optimizer`` without
+    running its ``__init__`` (so they cannot take hooks) and keep the real optimizer in ``.optimizer``.
+    Hooking the wrapped optimizer is also what makes the collection right under them: its ``step()``
+    runs only on steps where gradients are synchronised (``accelerator.accumulate``), and under fp16
+    mixed precision only after ``GradScaler`` unscaled the gradients (an overflow step, which the
+    scaler skips, is not collected). Its class name is also the one the diagnosis needs (Adam-like
+    optimizers are invariant to gradient scale).
+    """
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) and inner.optimizer is not inner:
+        inner = inner.optimizer
+    return inner
+
+
+def _register_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable[..., None]) -> Any:
+    """``register_step_pre_hook`` on ``optimizer``, or a gradwatch error saying what to do instead."""
+    try:
+        return optimizer.register_step_pre_hook(hook)
+    except AttributeError as exc:
+        raise TypeError(
+            f"gradwatch.watch(optimizer=...): {type(optimizer).__name__} does not support optimizer step hooks "
+            f"({exc}); it subclasses torch.optim.Optimizer without initialising it and wraps no optimizer that "
+            "does. Pass the underlying torch optimizer, or pass hook_optimizer=False and call watcher.step() "
+            "after backward and before optimizer.step() yourself."
+        ) from None
 
 
 def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
@@ -137,6 +168,7 @@ class GradWatcher:
             raise TypeError(f"gradwatch.watch expects a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        base_optimizer = _hookable_optimizer(optimizer) if optimizer is not None else None
         if on_error not in ("detach", "raise"):
             raise ValueError(f"on_error must be 'detach' or 'raise', got {on_error!r}")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
@@ -204,9 +236,9 @@ class GradWatcher:
                 f"({other.name!r}). Call .close() on it first (or use `with gradwatch.watch(...)`)."
             )
         _WATCHED[self.model] = self
-        self.history.context["optimizer"] = type(optimizer).__name__ if optimizer is not None else None
+        self.history.context["optimizer"] = type(base_optimizer).__name__ if base_optimizer is not None else None
         self.history.context["optimizer_scale_invariant"] = (
-            type(optimizer).__name__ in _SCALE_INVARIANT_OPTIMIZERS if optimizer is not None else None
+            type(base_optimizer).__name__ in _SCALE_INVARIANT_OPTIMIZERS if base_optimizer is not None else None
         )
         lrs = [g.get("lr") for g in optimizer.param_groups] if optimizer is not None else []
         lr_values = [float(v) for v in lrs if isinstance(v, int | float)]
@@ -217,7 +249,7 @@ class GradWatcher:
             self._sampler_arm()
         self._hook_optimizer = bool(hook_optimizer)
         if optimizer is not None and self._hook_optimizer:
-            self._handles.append(optimizer.register_step_pre_hook(self._optimizer_pre_hook))
+            self._handles.append(_register_pre_hook(base_optimizer, self._optimizer_pre_hook))
         self.autofixer = None
         if self.auto_fix:
             if optimizer is None:
@@ -590,7 +622,7 @@ class GradWatcher:
     def note_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
         """Tell the diagnosis which optimizer(s) update the model, without hooking them (the caller
         collects). Adam-like optimizers are invariant to gradient scale, which changes the fixes."""
-        names = [type(opt).__name__ for opt in optimizers]
+        names = [type(_hookable_optimizer(opt)).__name__ for opt in optimizers]
         self.history.context["optimizer"] = ", ".join(dict.fromkeys(names)) if names else None
         self.history.context["optimizer_scale_invariant"] = (
             all(n in _SCALE_INVARIANT_OPTIMIZERS for n in names) if names else None
@@ -688,6 +720,48 @@ class GradWatcher:
         return f"GradWatcher({self.name!r}, layers={len(self.layers)}, collected={self.collected}, closed={self.closed})"
 
 
+#: ``GradWatcher`` options that are counts or cadences: name -> whether 0 is allowed
+_COUNT_OPTIONS = {"every_n_steps": False, "slow_stats_every_n": False, "activation_every_n_steps": False,
+                  "histogram_every_n_steps": True, "figure_every_n_steps": True, "diagnose_every_n_steps": True,
+                  "history_capacity": False, "auto_fix_probe_steps": False, "auto_fix_verify_steps": False}
+
+
+def check_watch_options(options: Mapping[str, Any], *, exclude: Iterable[str] = (),
+                        caller: str = "gradwatch.watch") -> None:
+    """Validate :func:`watch` keyword options before there is a model to watch.
+
+    Training integrations take ``watch``'s options in their constructor and create the watcher only
+    when training starts; this checks them at construction, with the checks ``GradWatcher`` itself
+    runs, so a typo fails where it was made.
+
+    Args:
+        options: keyword options as they would be passed to :func:`watch`.
+        exclude: option names that do not apply to the caller (rejected like unknown ones).
+        caller: named in error messages.
+
+    Raises:
+        TypeError: an unknown or excluded option name, or a wrongly typed ``thresholds``.
+        ValueError: a count or cadence out of range, an unknown ``on_error`` or fix name.
+    """
+    allowed = [n for n in inspect.signature(GradWatcher.__init__).parameters
+               if n not in ("self", "model") and n not in set(exclude)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{caller}: unknown or inapplicable option(s) {unknown}; allowed: {allowed}")
+    for name, allow_zero in _COUNT_OPTIONS.items():
+        if name in options:
+            _check_every(name, options[name], allow_zero=allow_zero)
+    if options.get("histogram_max_elements") is not None:
+        _check_every("histogram_max_elements", options["histogram_max_elements"])
+    if options.get("on_error", "detach") not in ("detach", "raise"):
+        raise ValueError(f"on_error must be 'detach' or 'raise', got {options['on_error']!r}")
+    thresholds = options.get("thresholds")
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(f"thresholds must be a gradwatch.Thresholds, got {type(thresholds).__name__}")
+    if "auto_fix" in options:
+        GradWatcher._normalise_auto_fix(options["auto_fix"])
+
+
 def watch(model: nn.Module, **kwargs: Any) -> GradWatcher:
     """Start watching ``model``'s gradients. See :class:`GradWatcher` for the keyword arguments.
 
@@ -700,4 +774,4 @@ def watch(model: nn.Module, **kwargs: Any) -> GradWatcher:
 
 
 
-__all__ = ["GradWatcher", "watch", "GRAD_METRICS", "ACT_METRICS", "LAYER_SIGNAL_METRICS"]
+__all__ = ["GradWatcher", "watch", "check_watch_options", "GRAD_METRICS", "ACT_METRICS", "LAYER_SIGNAL_METRICS"]

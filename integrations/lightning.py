@@ -31,6 +31,7 @@ from gradwatch.findings import FINDING_KINDS, FIX_NAMES, Diagnosis
 from gradwatch.fixes import apply_fixes
 from gradwatch.integrations import lightning_fixes as _fixes
 from gradwatch.preflight import PREFLIGHT_FIXES, PreflightResult, probe, split_batch
+from gradwatch.report import for_logs
 from gradwatch.sinks import Sink, StepRecord
 from gradwatch.thresholds import Thresholds
 from gradwatch.watcher import GradWatcher
@@ -541,7 +542,8 @@ class GradWatchCallback(Callback):
             diag = self.diagnose()
             if self.verbose and diag.signature() != self._printed_signature:
                 self._printed_signature = diag.signature()
-                rank_zero_info(f"gradwatch diagnosis after epoch {trainer.current_epoch} (step {trainer.global_step}):\n{diag}")
+                rank_zero_info(f"gradwatch diagnosis after epoch {trainer.current_epoch} (step {trainer.global_step}):\n"
+                               f"{for_logs(diag)}")
         if self.fail_on:
             # on every rank, whether or not it recorded anything (its watcher may have detached): the
             # decision is a collective, and a rank that skipped it would leave the others waiting in it
@@ -562,7 +564,7 @@ class GradWatchCallback(Callback):
         if watcher.history.total_steps:
             diag = self.diagnose()
             if report and self.verbose:
-                rank_zero_info(f"gradwatch diagnosis at the end of fit (step {trainer.global_step}):\n{diag}")
+                rank_zero_info(f"gradwatch diagnosis at the end of fit (step {trainer.global_step}):\n{for_logs(diag)}")
         watcher.close()
 
     # -- fail_on -------------------------------------------------------------------------------

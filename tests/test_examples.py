@@ -42,8 +42,9 @@ APPLIED = {
     "saturated_sigmoid": {"he_init"},
     "preflight": {"lstm_gru"},
 }
-#: tested elsewhere: the Lightning quickstart (tests/integrations/test_lightning.py)
-ELSEWHERE = {"lightning_quickstart"}
+#: tested elsewhere: the Lightning quickstart (tests/integrations/test_lightning.py), the HF Trainer example
+#: (tests/integrations/test_transformers.py)
+ELSEWHERE = {"lightning_quickstart", "hf_trainer"}
 SLOW = {"plain_cnn", "vanilla_rnn", "exploding_rnn", "preflight"}
 
 

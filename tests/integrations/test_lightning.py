@@ -216,6 +216,15 @@ def test_no_logger_runs_and_reports(tmp_path: Path, lightning_messages: list[str
     assert any("after epoch 0" in m for m in reports)
 
 
+def test_healthy_run_reports_one_line_not_the_layer_table(tmp_path: Path, lightning_messages: list[str]) -> None:
+    callback = GradWatchCallback()
+    _trainer(tmp_path, callback, logger=False, max_epochs=2).fit(LitMLP())
+    assert callback.diagnosis is not None and callback.diagnosis.healthy
+    reports = [m for m in lightning_messages if m.startswith("gradwatch diagnosis")]
+    assert reports and all(len(m.splitlines()) == 2 and m.rstrip().endswith("layers found") for m in reports), reports
+    assert "grad_norm" in str(callback.diagnosis)  # the table is still there on request
+
+
 # -- reporting and fail_on ---------------------------------------------------------------------------
 def test_fail_on_nonfinite_stops_training_with_a_clear_message(tmp_path: Path) -> None:
     callback = GradWatchCallback(fail_on="nonfinite")
