@@ -5,13 +5,50 @@
 >>> print(watcher.diagnose())
 """
 
-from gradwatch.diagnose import diagnose
-from gradwatch.findings import Diagnosis, Finding
-from gradwatch.fixes import apply_fixes, replay
-from gradwatch.history import History, HistoryView
-from gradwatch.preflight import PreflightResult, preflight
-from gradwatch.thresholds import Thresholds
-from gradwatch.watcher import GradWatcher, watch
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradwatch.diagnose import diagnose
+    from gradwatch.findings import Diagnosis, Finding
+    from gradwatch.fixes import apply_fixes, replay
+    from gradwatch.history import History, HistoryView
+    from gradwatch.preflight import PreflightResult, preflight
+    from gradwatch.thresholds import Thresholds
+    from gradwatch.watcher import GradWatcher, watch
+
+# Public names are imported on first use (PEP 562): `gradwatch.<submodule>` must stay cheap, because
+# TensorBoard imports the `gradwatch.dashboard` plugin at start-up, and the names below import torch.
+_PUBLIC: dict[str, str] = {
+    "diagnose": "gradwatch.diagnose",
+    "Diagnosis": "gradwatch.findings",
+    "Finding": "gradwatch.findings",
+    "apply_fixes": "gradwatch.fixes",
+    "replay": "gradwatch.fixes",
+    "History": "gradwatch.history",
+    "HistoryView": "gradwatch.history",
+    "PreflightResult": "gradwatch.preflight",
+    "preflight": "gradwatch.preflight",
+    "Thresholds": "gradwatch.thresholds",
+    "GradWatcher": "gradwatch.watcher",
+    "watch": "gradwatch.watcher",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
 
 __all__ = [
     "Diagnosis",
