@@ -184,6 +184,7 @@ function drawPanel(parent, res, lo, hi) {
   const values = decodeF32(h.values);
   const cellH = Math.max(1, Math.floor(res.plotH / Math.max(1, rows)));
   const H = cellH * rows, W = res.plotW;
+  Object.assign(panel.dataset, { cellH, labelW: LABEL_W });
   const canvas = el("canvas", { width: LABEL_W + W, height: H + 18, class: "gw-heatmap", "data-run": res.run });
   const ctx = canvas.getContext("2d");
   const img = ctx.createImageData(W, H);
