@@ -120,8 +120,14 @@ def test_click_on_a_row_shows_that_layers_chart(page) -> None:
         wait.until(lambda b, c=chart, r=row: c.get_attribute("data-state") == "drawn"
                    and c.get_attribute("data-layer") == rows[r]["layer"])
         assert int(chart.get_attribute("data-series")) >= 5  # grad_norm, grad_to_weight, update_ratio, ...
-        assert len(chart.find_elements(By.CSS_SELECTOR, "svg path")) >= 5
+        drawn = {p.get_attribute("data-series") for p in chart.find_elements(By.CSS_SELECTOR, "svg path")}
+        assert {"grad_norm", "grad_to_weight", "update_ratio"} <= drawn
+        assert len(drawn) == int(chart.get_attribute("data-visible"))
         assert rows[row]["layer"] in chart.find_element(By.TAG_NAME, "h2").text
+    # the legend shows a hidden series on click
+    chart = browser.find_element(By.ID, "gw-layer-chart")
+    chart.find_element(By.CSS_SELECTOR, '.gw-legend-item[data-series="weight_norm"]').click()
+    wait.until(lambda b: chart.find_elements(By.CSS_SELECTOR, 'svg path[data-series="weight_norm"]'))
     profile = browser.find_element(By.ID, "gw-profile-chart")
     wait.until(lambda b: profile.get_attribute("data-state") == "drawn")
     assert len(profile.find_elements(By.CSS_SELECTOR, "svg rect")) == LAYERS  # one bar per layer at that step

@@ -19,8 +19,8 @@ once and cached until the run's scalars change (TensorBoard reports each tag's l
 redrawing, zooming into another aggregate or another pixel grid costs only the reduction.
 
 TensorBoard keeps at most ``--samples_per_plugin scalars=N`` points per tag (default 1000, a
-reservoir sample: later steps are thinned); start it with ``--samples_per_plugin scalars=0`` to
-see every collected step of long runs.
+reservoir sample of the steps); start it with ``--samples_per_plugin scalars=1000000`` (above the
+step count) to see every collected step of long runs.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class GradWatchPlugin(base_plugin.TBPlugin):
         runs = self._runs(ctx, eid)
         return _json(request, {
             "runs": [{"run": run, "metrics": g.metrics, "layers": {m: len(s) for m, s in g.series.items()},
-                      "totals": sorted(g.totals)} for run, g in sorted(runs.items())],
+                      "totals": sorted(g.totals)} for run, g in sorted(runs.items(), key=lambda item: D.run_order(item[0]))],
             "aggregates": list(D.AGGREGATES), "default_metric": D.DEFAULT_METRIC,
         })
 

@@ -261,7 +261,7 @@ function drawLayerAxis(ctx, rows, cellH, named) {
     let name = row.layer;
     while (ctx.measureText(name).width > LABEL_W - 10 && name.length > 4) name = "…" + name.slice(2);
     ctx.textAlign = "right";
-    ctx.fillText(name, LABEL_W - 8, i * cellH + cellH / 2);
+    ctx.fillText(name, LABEL_W - 8, Math.max(6, i * cellH + cellH / 2));  // the first label stays whole
   });
 }
 
@@ -289,7 +289,10 @@ async function showLayer(run, layer) {
   try {
     const d = await getJSON("layer", { run, layer });
     const series = Object.entries(d.series).map(([name, s]) => ({ name, steps: s.steps, values: s.values }));
-    logChart(box, `${layer} over time (${run})`, series, "step", false);
+    const shown = state.layerShown || (state.layerShown = new Set(DEFAULT_LAYER_SERIES));
+    shown.add(state.metric);
+    const redraw = () => logChart(box, `${layer} over time (${run})`, series, "step", false, shown, redraw);
+    redraw();
     box.dataset.layer = layer;
     box.dataset.run = run;
     box.dataset.series = series.length;
@@ -316,10 +319,14 @@ async function showProfile(run, step) {
   }
 }
 
+// the layer chart starts with these (and the heatmap's metric); the legend shows or hides any other
+const DEFAULT_LAYER_SERIES = ["grad_norm", "grad_to_weight", "grad_max_abs", "update_ratio"];
 const LINE_COLOURS = ["#1976d2", "#d32f2f", "#388e3c", "#f57c00", "#7b1fa2", "#0097a7", "#5d4037", "#c2185b", "#455a64", "#afb42b"];
 
 // A small SVG chart with a log10 y axis (decade grid lines). Values <= 0 or missing are left out and counted.
-function logChart(box, title, series, xlabel, bars) {
+function logChart(box, title, series, xlabel, bars, shown = null, redraw = null) {
+  const all = series;
+  if (shown) series = series.filter((s) => shown.has(s.name));
   const NS = "http://www.w3.org/2000/svg";
   const W = Math.max(400, box.clientWidth || 480), H = 260, L = 56, R = 10, T = 8, B = 34;
   const svg = document.createElementNS(NS, "svg");
@@ -335,13 +342,24 @@ function logChart(box, title, series, xlabel, bars) {
   const pos = series.flatMap((s) => s.values.filter((v) => v !== null && v > 0));
   const xs = series.flatMap((s) => s.steps);
   const skipped = series.reduce((n, s) => n + s.values.filter((v) => v === null || v <= 0).length, 0);
-  const legend = el("div", { class: "gw-note" });
+  const legend = el("div", { class: "gw-note gw-legend" });
   box.replaceChildren(el("h2", {}, title), svg, legend);
-  if (!pos.length) { legend.textContent = "no positive values to draw on a log axis"; return; }
+  box.dataset.visible = series.length;
+  if (shown) {  // a legend entry per series; click to show or hide it
+    all.forEach((s) => {
+      const k = series.indexOf(s);
+      const item = el("span", { class: "gw-legend-item" + (k < 0 ? " gw-off" : ""), "data-series": s.name,
+        style: k < 0 ? "" : `color: ${LINE_COLOURS[k % LINE_COLOURS.length]}` }, `■ ${s.name}`);
+      item.addEventListener("click", () => { if (shown.has(s.name)) shown.delete(s.name); else shown.add(s.name); redraw(); });
+      legend.append(item);
+    });
+  }
+  if (!pos.length) { legend.append(" no positive values to draw on a log axis"); return; }
   let lo = Math.floor(Math.log10(Math.min(...pos))), hi = Math.ceil(Math.log10(Math.max(...pos)));
   if (hi === lo) hi = lo + 1;
   const x0 = Math.min(...xs), x1 = Math.max(...xs) === x0 ? x0 + 1 : Math.max(...xs);
-  const px = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  // bars: one band per x (0..n-1), so no bar hangs over the axis labels
+  const px = bars ? (x) => L + ((x - x0 + 0.5) / (x1 - x0 + 1)) * (W - L - R) : (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const py = (v) => T + (1 - (Math.log10(v) - lo) / (hi - lo)) * (H - T - B);
   const step = Math.max(1, Math.ceil((hi - lo) / 8));
   for (let d = lo; d <= hi; d += step) {
@@ -350,13 +368,13 @@ function logChart(box, title, series, xlabel, bars) {
   }
   add("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" });
   add("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" });
-  add("text", { x: L, y: H - B + 14 }, String(x0));
-  add("text", { x: W - R, y: H - B + 14, "text-anchor": "end" }, String(x1));
+  add("text", { x: px(x0), y: H - B + 14, "text-anchor": bars ? "middle" : "start" }, String(x0));
+  add("text", { x: px(x1), y: H - B + 14, "text-anchor": bars ? "middle" : "end" }, String(x1));
   add("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, xlabel);
   series.forEach((s, k) => {
     const colour = LINE_COLOURS[k % LINE_COLOURS.length];
     if (bars) {
-      const bw = Math.max(1, ((W - L - R) / Math.max(1, s.steps.length)) * 0.8);
+      const bw = Math.max(1, ((W - L - R) / (x1 - x0 + 1)) * 0.8);
       s.steps.forEach((x, i) => {
         const v = s.values[i];
         if (v === null || v <= 0) return;
@@ -373,8 +391,7 @@ function logChart(box, title, series, xlabel, bars) {
         d += `${pen ? "L" : "M"}${px(x).toFixed(1)},${py(v).toFixed(1)} `;
         pen = true;
       });
-      add("path", { d: d.trim(), fill: "none", stroke: colour, "stroke-width": 1.5 });
-      legend.append(el("span", { style: `color: ${colour}; margin-right: 12px` }, `■ ${s.name}`));
+      add("path", { d: d.trim(), fill: "none", stroke: colour, "stroke-width": 1.5, "data-series": s.name });
     }
   });
   if (skipped) legend.append(` (${skipped} zero or missing value(s) not drawn: no logarithm)`);
