@@ -133,7 +133,7 @@ def tab_screenshot(logdir: Path, out: Path, click: tuple[float, float] | None, s
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
-                           "--port", str(port), "--samples_per_plugin", "scalars=0"],
+                           "--port", str(port), "--samples_per_plugin", "scalars=1000000"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     browser = None
     try:

@@ -73,3 +73,23 @@ def test_layer_tags_written_by_gradwatch_parse_back() -> None:
     tag = T.layer_tag("grad_norm", 3, "net.4", T.depth_width(12))
     grouped = D.run_tags([tag, T.total_tag("grad_norm")])
     assert grouped is not None and grouped.series["grad_norm"] == [D.Series(tag, "grad_norm", "net.4", 3)]
+
+
+@pytest.mark.parametrize("agg", ["min", "median", "max"])
+@pytest.mark.parametrize(("rows", "cols"), [(3, 7), (64, 9), (1, 1), (100, 100)])
+def test_downsample_equals_numpy_nan_reductions_per_block(agg: str, rows: int, cols: int) -> None:
+    """Random values with missing ones (sampled activation steps), blocks of unequal size at the edges."""
+    import math
+    import warnings
+
+    rng = np.random.default_rng(rows * cols)
+    m = rng.lognormal(0, 3, size=(37, 251)).astype(np.float32)
+    m[rng.random(m.shape) < 0.3] = np.nan
+    m[:5, :40] = np.nan  # whole cells missing
+    cells, r, k = D.downsample(m, rows, cols, agg)
+    assert (r, k) == (math.ceil(37 / rows), math.ceil(251 / cols))
+    reduce = {"min": np.nanmin, "max": np.nanmax, "median": np.nanmedian}[agg]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.array([[reduce(m[i:i + r, j:j + k].astype(np.float64)) for j in range(0, 251, k)] for i in range(0, 37, r)])
+    np.testing.assert_allclose(cells, want, rtol=1e-6)
