@@ -74,6 +74,7 @@ def test_runs_lists_gradwatch_runs_with_their_metrics(tb) -> None:
     assert {"grad_norm", "grad_max_abs", "update_ratio", "nonfinite", "saturated_frac"} <= set(sig["metrics"])
     assert sig["layers"]["grad_norm"] == 8
     assert {"grad_norm", "loss"} <= set(sig["totals"])
+    assert sig["last_step"] == STEPS - 1 and runs["relu"]["last_step"] == 9  # the frontend redraws when it moves
 
 
 @pytest.mark.parametrize("metric", ["grad_to_weight", "grad_norm", "saturated_frac"])

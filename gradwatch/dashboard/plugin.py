@@ -151,7 +151,8 @@ class GradWatchPlugin(base_plugin.TBPlugin):
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="gradwatch", disable_reload=False)
 
     # -- reading ------------------------------------------------------------------------------------
-    def _runs(self, ctx: Any, eid: str) -> dict[str, D.RunTags]:
+    def _runs(self, ctx: Any, eid: str) -> dict[str, tuple[D.RunTags, int]]:
+        """Gradwatch runs: their series and their last step (the frontend redraws when it moves)."""
         if self._provider is None:
             return {}
         listing = self._provider.list_scalars(ctx, experiment_id=eid, plugin_name="scalars")
@@ -159,7 +160,7 @@ class GradWatchPlugin(base_plugin.TBPlugin):
         for run, tags in listing.items():
             grouped = D.run_tags(tags)
             if grouped is not None and grouped.series:
-                runs[run] = grouped
+                runs[run] = (grouped, max(int(meta.max_step) for meta in tags.values()))
         return runs
 
     def _run(self, ctx: Any, eid: str, run: str) -> tuple[D.RunTags, dict[str, Any]]:
@@ -237,7 +238,8 @@ class GradWatchPlugin(base_plugin.TBPlugin):
         runs = self._runs(ctx, eid)
         return _json(request, {
             "runs": [{"run": run, "metrics": g.metrics, "layers": {m: len(s) for m, s in g.series.items()},
-                      "totals": sorted(g.totals)} for run, g in sorted(runs.items(), key=lambda item: D.run_order(item[0]))],
+                      "totals": sorted(g.totals), "last_step": last}
+                     for run, (g, last) in sorted(runs.items(), key=lambda item: D.run_order(item[0]))],
             "aggregates": list(D.AGGREGATES), "default_metric": D.DEFAULT_METRIC,
         })
 

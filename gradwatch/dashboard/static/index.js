@@ -5,7 +5,8 @@
 // data-n-steps and <body data-state="drawn">, so a test (or a person with devtools) can check what is shown.
 
 const LABEL_W = 150;          // px for layer names left of the heatmap
-const MAX_RUNS_DEFAULT = 4;   // runs drawn side by side when the tab opens (all, if there are no more)
+const MAX_RUNS_DEFAULT = 4;
+const REFRESH_MS = 30000;     // how often the run list is checked for new steps   // runs drawn side by side when the tab opens (all, if there are no more)
 // viridis, 9 stops: perceptually uniform and readable in grey scale
 const STOPS = [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
   [92, 200, 99], [170, 220, 50], [253, 231, 37]];
@@ -113,6 +114,18 @@ export async function render() {
   );
   window.addEventListener("resize", () => { clearTimeout(state.resizeTimer); state.resizeTimer = setTimeout(draw, 200); });
   await draw();
+  setInterval(refresh, REFRESH_MS);
+}
+
+// A run still training gets new steps: redraw when a shown run's last step moved (finished runs never redraw).
+async function refresh() {
+  if (document.hidden) return;
+  let listing;
+  try { listing = await getJSON("runs", {}); } catch (err) { return; }
+  const last = (runs) => JSON.stringify(runs.filter((r) => state.selected.includes(r.run)).map((r) => [r.run, r.last_step]));
+  const changed = last(listing.runs) !== last(state.runs) || listing.runs.length !== state.runs.length;
+  state.runs = listing.runs;
+  if (changed) await draw();
 }
 
 async function draw() {
