@@ -39,9 +39,17 @@ _PUBLIC: dict[str, str] = {
 
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif name.startswith("__"):
         raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    else:  # a submodule, e.g. `gradwatch.models` after a bare `import gradwatch` (imported eagerly before)
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'gradwatch' has no attribute {name!r}") from None
     globals()[name] = value  # later look-ups skip this function
     return value
 

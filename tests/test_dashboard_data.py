@@ -93,3 +93,29 @@ def test_downsample_equals_numpy_nan_reductions_per_block(agg: str, rows: int, c
         warnings.simplefilter("ignore", RuntimeWarning)
         want = np.array([[reduce(m[i:i + r, j:j + k].astype(np.float64)) for j in range(0, 251, k)] for i in range(0, 37, r)])
     np.testing.assert_allclose(cells, want, rtol=1e-6)
+
+
+def test_every_static_asset_is_declared_as_package_data() -> None:
+    """The wheel carries the frontend (TensorBoard's CSP blocks CDNs; users run no build step)."""
+    import fnmatch
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gradwatch.dashboard"]
+    static = root / "gradwatch" / "dashboard" / "static"
+    files = [p.relative_to(static.parent).as_posix() for p in static.iterdir() if p.is_file()]
+    assert {"static/index.js", "static/style.css"} <= set(files)
+    for f in files:
+        assert any(fnmatch.fnmatch(f, g) for g in globs), f"{f} is not in [tool.setuptools.package-data] 'gradwatch.dashboard'"
+    tb_entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]["tensorboard_plugins"]
+    assert tb_entry == {"gradwatch": "gradwatch.dashboard.plugin:GradWatchLoader"}
+
+
+def test_bare_import_still_reaches_submodules_and_public_names() -> None:
+    code = "import gradwatch\nprint(gradwatch.models.create.__name__, gradwatch.watch.__name__, hasattr(gradwatch, 'nope'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split() == ["create", "watch", "False"]
