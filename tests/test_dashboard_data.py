@@ -116,6 +116,9 @@ def test_every_static_asset_is_declared_as_package_data() -> None:
 
 
 def test_bare_import_still_reaches_submodules_and_public_names() -> None:
-    code = "import gradwatch\nprint(gradwatch.models.create.__name__, gradwatch.watch.__name__, hasattr(gradwatch, 'nope'))"
+    code = ("import gradwatch.preflight, gradwatch.diagnose\n"  # submodules named like the functions they export
+            "import gradwatch\n"
+            "print(gradwatch.models.create.__name__, gradwatch.watch.__name__, hasattr(gradwatch, 'nope'),\n"
+            "      callable(gradwatch.preflight), callable(gradwatch.diagnose))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert out.split() == ["create", "watch", "False"]
+    assert out.split() == ["create", "watch", "False", "True", "True"]
