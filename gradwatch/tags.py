@@ -80,11 +80,14 @@ def parse_tag(tag: str, prefix: str = "") -> ParsedTag | None:
     return ParsedTag(m.group("metric"), m.group("layer"), int(m.group("depth")))
 
 
-def layout(prefix: str = "", extra_totals: tuple[str, ...] = ("clip_threshold",)) -> dict[str, dict[str, list]]:
+def layout(prefix: str = "", extra_totals: tuple[str, ...] = ("clip_threshold",),
+           activations: bool = True) -> dict[str, dict[str, list]]:
     """The custom-scalars layout: the whole gradient-flow picture on one page ("gradwatch" category).
 
     Chart tags are regular expressions (TensorBoard matches them against every scalar tag), so one
-    layout covers layers that appear later and any number of layers.
+    layout covers layers that appear later and any number of layers. ``activations=False`` (a model
+    without activation modules, e.g. functional ``F.gelu``) leaves out the dead-unit and saturation
+    charts, which would stay empty.
     """
     p = re.escape(prefix)
 
@@ -92,17 +95,19 @@ def layout(prefix: str = "", extra_totals: tuple[str, ...] = ("clip_threshold",)
         return [rf"^{p}{metric}/\d+\."]
 
     totals = "|".join(["grad_norm", *extra_totals])
-    return {
-        LAYOUT_CATEGORY: {
-            "gradient norm per layer (input to output)": ["Multiline", per_layer("grad_norm")],
-            "gradient / weight norm per layer": ["Multiline", per_layer("grad_to_weight")],
-            "max |gradient| per layer": ["Multiline", per_layer("grad_max_abs")],
-            "total gradient norm and clipping threshold": ["Multiline", [rf"^{p}({totals})/{TOTAL}$"]],
-            "dead-unit fraction per activation": ["Multiline", per_layer("dead_frac")],
-            "saturated fraction per activation": ["Multiline", per_layer("saturated_frac")],
-            "non-finite gradient values per layer": ["Multiline", per_layer("nonfinite")],
-            "zero-gradient fraction per layer": ["Multiline", per_layer("grad_zero_frac")],
-            "update / weight norm per layer": ["Multiline", per_layer("update_ratio")],
-            "loss": ["Multiline", [rf"^{p}loss/{TOTAL}$"]],
-        }
+    charts: dict[str, list] = {
+        "gradient norm per layer (input to output)": ["Multiline", per_layer("grad_norm")],
+        "gradient / weight norm per layer": ["Multiline", per_layer("grad_to_weight")],
+        "max |gradient| per layer": ["Multiline", per_layer("grad_max_abs")],
+        "total gradient norm and clipping threshold": ["Multiline", [rf"^{p}({totals})/{TOTAL}$"]],
     }
+    if activations:
+        charts["dead-unit fraction per activation"] = ["Multiline", per_layer("dead_frac")]
+        charts["saturated fraction per activation"] = ["Multiline", per_layer("saturated_frac")]
+    charts.update({
+        "non-finite gradient values per layer": ["Multiline", per_layer("nonfinite")],
+        "zero-gradient fraction per layer": ["Multiline", per_layer("grad_zero_frac")],
+        "update / weight norm per layer": ["Multiline", per_layer("update_ratio")],
+        "loss": ["Multiline", [rf"^{p}loss/{TOTAL}$"]],
+    })
+    return {LAYOUT_CATEGORY: charts}

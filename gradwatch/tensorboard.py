@@ -360,7 +360,7 @@ class TensorBoardSink:
         tensor = TensorProto(dtype="DT_STRING", string_val=[payload], tensor_shape=TensorShapeProto())
         self._add_summary([Summary.Value(tag=self.prefix + T.META_TAG, tensor=tensor, metadata=metadata)], step)
 
-    def _write_layout(self) -> None:
+    def _write_layout(self, activations: bool = True) -> None:
         if not self.layout:
             return
         try:
@@ -375,7 +375,7 @@ class TensorBoardSink:
         except TypeError:  # a writer that cannot be weakly referenced: write once per sink
             pass
         if self._writable("layout") is not None:
-            self.writer.add_custom_scalars(T.layout(self.prefix))
+            self.writer.add_custom_scalars(T.layout(self.prefix, activations=activations))
 
     # -- Sink protocol -----------------------------------------------------------------------------
     def write_step(self, record: StepRecord) -> None:
@@ -385,8 +385,8 @@ class TensorBoardSink:
         try:
             first = self._table_key is None
             self._update_tables(record.layers, record.activations, record.step)
-            if first:
-                self._write_layout()
+            if first:  # no activation modules (functional activations): no forever-empty activation charts
+                self._write_layout(activations=bool(record.activations))
             self._pending.append(_event_bytes(self._scalar_values(record), record.step, time.time()))
             if len(self._pending) >= self.write_every_n_steps:
                 self._hand_over()
