@@ -6,7 +6,8 @@
 
 const LABEL_W = 150;          // px for layer names left of the heatmap
 const MAX_RUNS_DEFAULT = 4;
-const REFRESH_MS = 30000;     // how often the run list is checked for new steps   // runs drawn side by side when the tab opens (all, if there are no more)
+const REFRESH_MS = 30000;
+const TB_DEFAULT_SAMPLES = 1000;  // tensorboard --samples_per_plugin scalars=N, default N     // how often the run list is checked for new steps   // runs drawn side by side when the tab opens (all, if there are no more)
 // viridis, 9 stops: perceptually uniform and readable in grey scale
 const STOPS = [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
   [92, 200, 99], [170, 220, 50], [253, 231, 37]];
@@ -194,6 +195,10 @@ function drawPanel(parent, res, lo, hi) {
   const steps = h.n_steps ? `steps ${h.step_first[0]}–${h.step_last[cols - 1]} (${h.n_steps} collected)` : "no steps";
   panel.append(el("div", { class: "gw-sub" }, `${h.n_layers} layers × ${steps}` +
     (h.layers_per_row > 1 || h.steps_per_column > 1 ? `; one cell = ${h.layers_per_row} layer(s) × ${h.steps_per_column} step(s), ${h.agg}` : "")));
+  if (h.n_steps === TB_DEFAULT_SAMPLES) {  // TensorBoard's reservoir may have dropped steps
+    panel.append(el("div", { class: "gw-note gw-samples" }, `TensorBoard keeps ${TB_DEFAULT_SAMPLES} steps per tag by default: ` +
+      "if this run collected more, start it with --samples_per_plugin scalars=1000000 to see them all."));
+  }
   const values = decodeF32(h.values);
   const cellH = Math.max(1, Math.floor(res.plotH / Math.max(1, rows)));
   const H = cellH * rows, W = res.plotW;
