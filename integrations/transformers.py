@@ -62,7 +62,8 @@ class GradWatchTrainerCallback(TrainerCallback):
     all-reduce and AMP unscaling, and **before clipping**: ``Trainer`` clips before any callback
     sees the gradients, so when ``max_grad_norm > 0`` this callback takes the clipping over for
     the run - it sets ``args.max_grad_norm`` to 0 in ``on_train_begin`` (restored in
-    ``on_train_end``), collects in ``on_pre_optimizer_step`` and then clips with the same threshold
+    ``on_train_end``, in the ``training_args.bin`` of checkpoints, and at the next ``train()`` if one
+    ended by an exception), collects in ``on_pre_optimizer_step`` and then clips with the same threshold
     and formula (global L2 norm, ``min(1, max_norm / (norm + 1e-6))``). The Trainer's own ``grad_norm``
     log stays the pre-clip norm, as before. ``clip_threshold/total`` is logged with every step and
     :attr:`clipped_steps` lists the steps on which clipping engaged. Under FSDP, DeepSpeed and XLA the
@@ -215,6 +216,9 @@ class GradWatchTrainerCallback(TrainerCallback):
             watcher.set_scalar("clip_threshold", self.clip_threshold)
 
     def _take_over_clipping(self, args: TrainingArguments) -> None:
+        if self._restore_max_grad_norm is not None:  # an earlier train() ended by an exception held the clipping
+            args.max_grad_norm = self._restore_max_grad_norm
+            self._restore_max_grad_norm = None
         max_norm = float(args.max_grad_norm or 0.0)
         self.clip_threshold = None
         if max_norm <= 0:

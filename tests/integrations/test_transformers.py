@@ -125,6 +125,25 @@ def test_records_unclipped_gradients_and_clips_like_the_trainer(tmp_path: Path) 
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_clipping_threshold_survives_a_train_call_that_raised(tmp_path: Path) -> None:
+    model = gpt2()
+    calls = {"n": 0}
+
+    def fail_once(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return grad
+
+    model.get_submodule("transformer.h.0.mlp.c_fc").weight.register_hook(fail_once)
+    callback = GradWatchTrainerCallback()
+    trainer = make_trainer(tmp_path, callback, model, max_steps=3, max_grad_norm=0.5)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    trainer.train()  # the same Trainer, arguments and callback again
+    assert callback.clip_threshold == 0.5 and trainer.args.max_grad_norm == 0.5
+
+
 def test_gradient_accumulation_collects_once_per_optimizer_step(tmp_path: Path) -> None:
     callback = GradWatchTrainerCallback()
     trainer = make_trainer(tmp_path, callback, gradient_accumulation_steps=3, max_steps=4, max_grad_norm=0.0)
