@@ -95,6 +95,11 @@ class GradWatchTrainerCallback(TrainerCallback):
     ``STATE_FILE`` in the ``checkpoint-N`` folder; ``trainer.train(resume_from_checkpoint=...)``
     continues them.
 
+    Fixes: this callback recommends (the diagnosis carries the fixes and copy-pasteable code); it does
+    not apply fixes during training. To fix before training, run :func:`gradwatch.preflight` on the
+    model and one batch before building the ``Trainer`` (which then builds its optimizer over the fixed
+    model): ``gradwatch.preflight(model, (batch, None), lambda output, _: output.loss)``.
+
     Args:
         fail_on: finding kinds that stop training through ``control.should_training_stop`` (any of
             ``gradwatch.findings.FINDING_KINDS``). ``"nonfinite"`` is checked on every collected step,
