@@ -86,8 +86,9 @@ class GradWatchTrainerCallback(TrainerCallback):
     collected steps) and at the end of training - one line when healthy, the full report (findings,
     evidence, fixes, per-layer table) otherwise.
 
-    Mixed precision: ``fp16`` statistics are of unscaled gradients (the Trainer unscales before any
-    callback runs); a step the ``GradScaler`` skips for overflow is listed in :attr:`skipped_steps`
+    Mixed precision: ``fp16`` statistics are of unscaled gradients (transformers 5 unscales before any
+    callback runs, when it measures the gradient norm; 4.x only unscales when it clips, and fp16 with
+    a ``GradScaler`` needs a GPU: that path is not covered by the CPU test suite); a step the ``GradScaler`` skips for overflow is listed in :attr:`skipped_steps`
     and is loss-scale calibration, not a failure, for ``fail_on`` until the scale falls below 1.
     ``bf16`` needs no scaler.
 
