@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -233,6 +234,10 @@ class GradWatchTrainerCallback(TrainerCallback):
         if kind not in _PLAIN_CLIPPING:
             log.info("gradwatch: under %s the Trainer clips inside its engine; gradient statistics are of the clipped "
                      "gradients (max_grad_norm=%g)", kind, max_norm)
+            return
+        if self._scaler is not None and int(transformers.__version__.split(".")[0]) < 5:
+            log.info("gradwatch: fp16 with transformers %s unscales gradients only when the Trainer clips; the Trainer "
+                     "keeps clipping and gradient statistics are of the clipped gradients", transformers.__version__)
             return
         self.clip_threshold = max_norm
         self._restore_max_grad_norm = args.max_grad_norm
