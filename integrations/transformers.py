@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -86,14 +87,20 @@ class GradWatchTrainerCallback(TrainerCallback):
     collected steps) and at the end of training - one line when healthy, the full report (findings,
     evidence, fixes, per-layer table) otherwise.
 
-    Mixed precision: ``fp16`` statistics are of unscaled gradients (the Trainer unscales before any
-    callback runs); a step the ``GradScaler`` skips for overflow is listed in :attr:`skipped_steps`
+    Mixed precision: ``fp16`` statistics are of unscaled gradients (transformers 5 unscales before any
+    callback runs, when it measures the gradient norm; 4.x only unscales when it clips, and fp16 with
+    a ``GradScaler`` needs a GPU: that path is not covered by the CPU test suite); a step the ``GradScaler`` skips for overflow is listed in :attr:`skipped_steps`
     and is loss-scale calibration, not a failure, for ``fail_on`` until the scale falls below 1.
     ``bf16`` needs no scaler.
 
     Checkpoints: on every save the history and the clipping/overflow records are written to
     ``STATE_FILE`` in the ``checkpoint-N`` folder; ``trainer.train(resume_from_checkpoint=...)``
     continues them.
+
+    Fixes: this callback recommends (the diagnosis carries the fixes and copy-pasteable code); it does
+    not apply fixes during training. To fix before training, run :func:`gradwatch.preflight` on the
+    model and one batch before building the ``Trainer`` (which then builds its optimizer over the fixed
+    model): ``gradwatch.preflight(model, (batch, None), lambda output, _: output.loss)``.
 
     Args:
         fail_on: finding kinds that stop training through ``control.should_training_stop`` (any of
@@ -227,6 +234,10 @@ class GradWatchTrainerCallback(TrainerCallback):
         if kind not in _PLAIN_CLIPPING:
             log.info("gradwatch: under %s the Trainer clips inside its engine; gradient statistics are of the clipped "
                      "gradients (max_grad_norm=%g)", kind, max_norm)
+            return
+        if self._scaler is not None and int(transformers.__version__.split(".")[0]) < 5:
+            log.info("gradwatch: fp16 with transformers %s unscales gradients only when the Trainer clips; the Trainer "
+                     "keeps clipping and gradient statistics are of the clipped gradients", transformers.__version__)
             return
         self.clip_threshold = max_norm
         self._restore_max_grad_norm = args.max_grad_norm

@@ -22,6 +22,7 @@ pytest.importorskip("accelerate")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+import gradwatch  # noqa: E402
 from gradwatch.integrations.transformers import STATE_FILE, GradWatchTrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,6 +247,15 @@ def test_fail_on_nonfinite_stops_training_naming_the_layer(name: str, tmp_path: 
     assert findings and findings[0].layers == (layer,)
     # HF's own log hides it: the loss and its curve stay finite
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_documented_preflight_before_the_trainer_runs_on_an_hf_model() -> None:
+    model, data = gpt2(), tokens(8)
+    batch = {key: torch.stack([row[key] for row in data]) for key in ("input_ids", "labels")}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = gradwatch.preflight(model, (batch, None), lambda output, _: output.loss)
+    assert result.diagnosis.healthy and not result.report.changed, str(result)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # probing left it as it was
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
