@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch import provenance
 from gradwatch.findings import Diagnosis, Finding, LayerRow
 from gradwatch.history import HistoryView
 from gradwatch.thresholds import Thresholds
@@ -517,14 +518,18 @@ def _nonfinite(ctx: _Context) -> list[Finding]:
         if not (len(recent) and recent.mean() >= 0.5):
             return []
     fixes = ("clip_gradients", "lower_lr")
+    cause, why = provenance.explain(view.nonfinite_provenance, ctx.th) if view.nonfinite_provenance else (None, "")
     return [Finding(
         kind="nonfinite",
         layers=tuple(layers),
         severity="critical",
         message=(f"Non-finite gradients (NaN/Inf) first appeared at step {step} in {', '.join(layers[:3])}"
-                 f"{'...' if len(layers) > 3 else ''}; {view.nonfinite_steps} of {view.total_steps} steps affected."),
+                 f"{'...' if len(layers) > 3 else ''}; {view.nonfinite_steps} of {view.total_steps} steps affected."
+                 + (f" Cause: {why}." if why else "")),
         evidence={"first_step": int(step), "first_layers": list(layers), "nonfinite_steps": int(view.nonfinite_steps),
-                  "total_steps": int(view.total_steps), "still_occurring": recent_bad},
+                  "total_steps": int(view.total_steps), "still_occurring": recent_bad, "cause": cause,
+                  "origin": (view.nonfinite_provenance or {}).get("origin"),
+                  "provenance": dict(view.nonfinite_provenance or {})},
         fixes=fixes,
         reasons=_reasons("nonfinite", fixes),
     )]
