@@ -29,6 +29,7 @@ import numpy as np
 from gradwatch import provenance
 from gradwatch.findings import Diagnosis, Finding, LayerRow
 from gradwatch.history import HistoryView
+from gradwatch.spikes import spike_findings
 from gradwatch.thresholds import Thresholds
 
 _EXCLUDED_FROM_DEPTH = ("Embedding", "EmbeddingBag")
@@ -633,7 +634,11 @@ def _rows(ctx: _Context, findings: list[Finding]) -> tuple[LayerRow, ...]:
     return tuple(rows)
 
 
-_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4}
+_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4, "spike": 5, "underflow": 6}
+
+
+def _spike(ctx: _Context) -> list[Finding]:
+    return spike_findings(ctx.view, ctx.th)
 
 
 def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure: dict | None = None) -> Diagnosis:
@@ -652,7 +657,7 @@ def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure:
     try:
         ctx = _Context(view, th)
         findings: list[Finding] = []
-        for rule in (_nonfinite, _exploding, _vanishing, _activation_findings):
+        for rule in (_nonfinite, _exploding, _vanishing, _activation_findings, _spike):
             try:
                 findings.extend(rule(ctx))
             except Exception as exc:  # a rule must never take the training run down

@@ -235,7 +235,9 @@ class GradWatcher:
         if auto_fix is False or auto_fix is None:
             return ()
         if auto_fix is True:
-            return FIX_NAMES
+            from gradwatch.fixes.registry import default_fixes
+
+            return tuple(n for n in FIX_NAMES if n in default_fixes())  # opt-in fixes only when named
         if isinstance(auto_fix, str):
             auto_fix = [auto_fix]
         names = tuple(auto_fix)
@@ -566,7 +568,7 @@ class GradWatcher:
         """Diagnose the most recent ``thresholds.window`` collected steps."""
         th = thresholds or self.thresholds
         view = self.history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
-                                 active_only=True)
+                                 active_only=True, lookback=th.spike_lookback)
         diag = run_diagnosis(view, th, structure=self.structure)
         return self._with_code(diag)
 

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradwatch.ratelimit import RepeatedLog
+
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("autoclip", "norm", "agc")
@@ -175,6 +177,7 @@ class GradientClipper:
         self._threshold = self._current_threshold()
         self._optimizer: weakref.ReferenceType[torch.optim.Optimizer] | None = None
         self._handle: RemovableHandle | None = None
+        self._repeated = RepeatedLog(log)
 
     def _current_threshold(self) -> float:
         if self.mode == "norm":
@@ -222,7 +225,7 @@ class GradientClipper:
                 for p in params:
                     p.grad = None
                 self.skipped_steps += 1
-                log.warning("gradwatch clip: non-finite gradient norm %s; step skipped (gradients dropped)", norm)
+                self._repeated("nonfinite", "gradwatch clip: non-finite gradient norm %s; step skipped (gradients dropped)", norm)
             return norm
         if self.mode == "agc":
             if agc_(params, self.clip_factor, self.eps):
