@@ -71,6 +71,7 @@ class SpikeSkipper:
         self._handle: Any = None
         self._optimizer: weakref.ReferenceType[torch.optim.Optimizer] | None = None
         self._repeated = RepeatedLog(log)
+        self._retired = False
 
     @property
     def threshold(self) -> float:
@@ -116,6 +117,8 @@ class SpikeSkipper:
         return False
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._retired:
+            return
         self.check_([p for group in optimizer.param_groups for p in group["params"]])
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SpikeSkipper:
@@ -125,6 +128,14 @@ class SpikeSkipper:
         self._handle = optimizer.register_step_pre_hook(self._hook)
         self._optimizer = weakref.ref(optimizer)
         return self
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None and not self._retired
+
+    def retire(self) -> None:
+        """Stop skipping now, also from inside an optimizer step pre-hook (see ``GradientClipper.retire``)."""
+        self._retired = True
 
     def remove(self) -> None:
         """Take the hook off the optimizer (idempotent)."""
