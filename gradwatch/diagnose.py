@@ -29,6 +29,7 @@ import numpy as np
 from gradwatch import provenance
 from gradwatch.findings import Diagnosis, Finding, LayerRow
 from gradwatch.history import HistoryView
+from gradwatch.precision import underflow_findings
 from gradwatch.spikes import spike_findings
 from gradwatch.thresholds import Thresholds
 
@@ -641,6 +642,10 @@ def _spike(ctx: _Context) -> list[Finding]:
     return spike_findings(ctx.view, ctx.th)
 
 
+def _underflow(ctx: _Context) -> list[Finding]:
+    return underflow_findings(ctx.view, ctx.th)
+
+
 def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure: dict | None = None) -> Diagnosis:
     """Diagnose a window of history. Pure: no torch, no model; never raises on odd histories.
 
@@ -657,7 +662,7 @@ def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure:
     try:
         ctx = _Context(view, th)
         findings: list[Finding] = []
-        for rule in (_nonfinite, _exploding, _vanishing, _activation_findings, _spike):
+        for rule in (_nonfinite, _exploding, _vanishing, _activation_findings, _spike, _underflow):
             try:
                 findings.extend(rule(ctx))
             except Exception as exc:  # a rule must never take the training run down

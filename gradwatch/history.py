@@ -20,6 +20,8 @@ activation modules holds 16 MB of gradient history, 2.4 MB of samples and 16.4 M
 from __future__ import annotations
 
 import math
+import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -87,6 +89,10 @@ class HistoryView:
     #: the evidence frozen at the first non-finite step (:func:`gradwatch.provenance.capture`): kept
     #: for the whole run, so a window that is all NaN can still say what led to it
     nonfinite_provenance: dict[str, Any] | None = None
+    #: AMP loss scales recorded inside the window (fp16 loss scaling; empty when not recorded)
+    loss_scale: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: per layer (depth order), the run's lowest block-mean fraction of exactly-zero gradient elements
+    lowest_zero_frac: np.ndarray | None = None
     #: up to ``lookback`` steps *before* the window (gradient norms ``[steps, layers]``, total norms,
     #: losses): a baseline for rules that compare a step with its own recent history (spikes)
     pre_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -336,6 +342,8 @@ class History:
         self._summary = _Summary(summary_slots, (0, len(GRAD_METRICS)))
         self.first_nonfinite: tuple[int, list[str]] | None = None
         self.nonfinite_provenance: dict[str, Any] | None = None
+        #: (step, scale) of the AMP loss scale, as recorded (bounded like the recent window)
+        self.loss_scales: deque[tuple[int, float]] = deque(maxlen=capacity)
         self._peak = np.zeros(0)
         self._peak_upd = np.zeros(0)
         self._peak_upd_step = np.zeros(0, dtype=np.int64)
@@ -456,6 +464,11 @@ class History:
                         self.first_nonfinite = (s, [self.layers[columns[i]] for i in np.flatnonzero(row)])
                         self._capture_provenance()
 
+    def record_loss_scale(self, step: int, scale: float) -> None:
+        """Keep the AMP loss scale in force at ``step`` (the latest is also ``context["loss_scale"]``)."""
+        self.loss_scales.append((int(step), float(scale)))
+        self.context["loss_scale"] = float(scale)
+
     def _capture_provenance(self) -> None:
         """Freeze the evidence before the first non-finite step (once per run; never raises)."""
         try:
@@ -564,8 +577,19 @@ class History:
             total_steps=self.total_steps,
             context=dict(self.context),
             nonfinite_provenance=self.nonfinite_provenance,
+            loss_scale=np.array([s for t, s in self.loss_scales if not len(steps) or t >= steps[0]], dtype=np.float64),
+            lowest_zero_frac=self._lowest_zero_frac(order),
             **self._lookback(last, lookback, order),
         )
+
+    def _lowest_zero_frac(self, order: list[int]) -> np.ndarray:
+        """Per layer, the lowest block mean of the exactly-zero gradient fraction over the whole run."""
+        _, _, mean = self._summary.means()
+        if not len(mean):
+            return np.full(len(order), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmin(mean[:, :, _ZF], axis=0)[order]
 
     def _lookback(self, last: int | None, lookback: int, order: list[int]) -> dict[str, np.ndarray]:
         if last is None or lookback <= 0:
@@ -665,6 +689,7 @@ class History:
             },
             "first_nonfinite": None if self.first_nonfinite is None else [self.first_nonfinite[0], list(self.first_nonfinite[1])],
             "nonfinite_provenance": self.nonfinite_provenance,
+            "loss_scales": [list(x) for x in self.loss_scales],
             "nonfinite_steps": self.nonfinite_steps,
             "total_steps": self.total_steps,
             "context": dict(self.context),
@@ -749,6 +774,8 @@ class History:
         fnf = state.get("first_nonfinite")
         self.first_nonfinite = None if fnf is None else (int(fnf[0]), [str(n) for n in fnf[1]])
         self.nonfinite_provenance = state.get("nonfinite_provenance")
+        self.loss_scales.clear()
+        self.loss_scales.extend((int(t), float(s)) for t, s in state.get("loss_scales", []))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.total_steps = int(state.get("total_steps", t))
         context = dict(state.get("context", {}))
@@ -759,6 +786,7 @@ class History:
 _STATE_VERSION = 1
 _NONFINITE = GRAD_METRICS.index("nonfinite")
 _GN = GRAD_METRICS.index("grad_norm")
+_ZF = GRAD_METRICS.index("grad_zero_frac")
 #: steps recorded in one batch may follow the first non-finite one: look back past them
 _RECORD_SLACK = 64
 _GTW = GRAD_METRICS.index("grad_to_weight")
