@@ -173,3 +173,26 @@ def test_auto_fix_is_written_to_tensorboard_text(tmp_path) -> None:
     texts = acc.Tensors("gradwatch/auto_fix/text_summary")
     assert [t.step for t in texts] == [9, 19]
     assert b"applied" in texts[0].tensor_proto.string_val[0] and b"kept" in texts[1].tensor_proto.string_val[0]
+
+
+def test_recurrent_over_scaling_under_adam_gets_no_automatic_clipping() -> None:
+    # the exploding_rnn reference model, trained with Adam: Adam is invariant to gradient scale, so the
+    # finding ranks lower_lr before clipping and the auto-fixer must not engage (and keep) clipping
+    from gradwatch import models
+
+    case = models.create("exploding_rnn", seed=0)
+    opt = torch.optim.Adam(case.model.parameters(), lr=1e-3)
+    with gradwatch.watch(case.model, optimizer=opt, auto_fix=True, auto_fix_probe_steps=10,
+                         diagnose_every_n_steps=10, activations=False, on_error="raise") as w:
+        for t in range(40):
+            x, y = case.batch(t)
+            loss = case.loss_fn(case.model(x), y)
+            loss.backward()
+            w.step(loss)
+            opt.step()
+            opt.zero_grad()
+        diag = w.diagnose()
+    (f,) = diag.by_kind("exploding")
+    assert f.fixes[:2] == ("lower_lr", "clip_gradients")
+    assert not any(e.action == "clipping" for e in w.autofixer.events), [e.to_dict() for e in w.autofixer.events]
+    assert not gradwatch.fixes.attached_clippers(opt)
