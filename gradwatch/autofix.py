@@ -12,8 +12,10 @@ The :class:`AutoFixer` rides on a watcher's step callbacks:
    its gradient altogether — silencing a layer also "removes" its vanishing). Worse: restore the
    snapshot (the fix and the verification window are undone) — recorded either way.
 
-Clipping is different: it changes no parameter, so it may engage at any diagnosis on exploding
-or non-finite findings, without the probe/verify cycle.
+Clipping is verified like every other fix: once the probe cycle is over, a diagnosis whose exploding,
+non-finite or spike finding recommends ``clip_gradients`` (under an Adam-like optimizer, which is
+invariant to gradient scale, only where it ranks first) installs it with a snapshot, trains ``verify_steps``
+and removes it again (model and optimizer restored) when the loss or the gradient flow got worse.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class AutoFixer:
         self._before_silent = 0
         self._kinds: set[str] = set()
         self._clipping = False
+        self._installed: list[Any] = []  # live hooks installed by the fix being verified
         watcher.add_step_callback(self.on_step)
 
     # -- the state machine ---------------------------------------------------------------------
@@ -120,7 +123,8 @@ class AutoFixer:
             self._decide(step)
         elif self.state == "verifying" and watcher.collected + 1 - self._applied_at >= self.verify_steps:
             self._verify(step)
-        if "clip_gradients" in self.allowed and not self._clipping and watcher.diagnose_every_n_steps and \
+        if "clip_gradients" in self.allowed and not self._clipping and self.state != "verifying" and \
+                self.state != "probing" and watcher.diagnose_every_n_steps and \
                 (watcher.collected + 1) % max(1, min(watcher.diagnose_every_n_steps, self.probe_steps)) == 0:
             self._maybe_clip(step)
 
@@ -147,6 +151,7 @@ class AutoFixer:
             self._event(step, "nothing", "no allowed fix applied: " + "; ".join(
                 f"{c.fix}: {c.reason}" for c in report.changes if c.status == "refused")[:500], report)
             return
+        self._installed = list(report.clippers)
         w.relayer()
         # the gradients of this step were computed for the model before the fix: let the step
         # that follows skip its update (optimizers skip parameters whose grad is None) rather than
@@ -173,6 +178,8 @@ class AutoFixer:
                     "silent_layers_before": self._before_silent, "silent_layers_after": after_silent}
         loss_worse, flow_worse, evidence = self.agree((loss_worse, flow_worse, evidence))
         if loss_worse or flow_worse:
+            for hook in self._installed:
+                hook.retire()  # we may be inside the optimizer's pre-hook loop: no hook removal here
             self._snapshot.restore()
             w.relayer()
             self.model_changed(step, "rolled_back")
@@ -181,23 +188,42 @@ class AutoFixer:
         else:
             self._event(step, "kept", "loss and gradient flow did not get worse", evidence=evidence)
         self._snapshot = None
+        self._installed = []
         self.state = "done"
 
     def _maybe_clip(self, step: int) -> None:
-        from gradwatch.fixes import apply_fixes
+        """Start a verified clipping cycle when a finding ranks clipping first (once per run)."""
+        from gradwatch.fixes import apply_fixes, snapshot
 
         w = self.watcher
         if w.optimizer is None:
             return
         diag = self.agree(w.diagnose())
-        if not ({"exploding", "nonfinite"} & diag.kinds()):
+        # under an Adam-like optimizer (invariant to gradient scale) only where clipping ranks first
+        scale_invariant = w.history.context.get("optimizer_scale_invariant") is True
+        targeted = [f for f in diag.findings if f.kind in ("exploding", "nonfinite", "spike") and "clip_gradients" in f.fixes
+                    and (f.fixes[0] == "clip_gradients" or not scale_invariant)]
+        if not targeted:
             return
+        kinds = {f.kind for f in targeted}
+        snap = snapshot(w.model, w.optimizer)
         report = apply_fixes(w.model, diag, optimizer=w.optimizer, only=["clip_gradients"], options=self.options)
-        if report.changed:
-            self._clipping = True
-            for clipper in report.clippers:
-                w.add_step_callback(lambda watcher, s, c=clipper: watcher.set_scalar("clip_threshold", c.threshold))
-            self._event(step, "clipping", "; ".join(c.summary() for c in report.applied), report)
+        if not report.changed:
+            return
+        self._clipping = True  # decided once: kept or rolled back, it is not tried again
+        self._kinds = kinds
+        self._before_loss = _median_loss(w, self.probe_steps)
+        self._before_score = _severity_score(diag, kinds)
+        self._before_silent = _silent_layers(diag)
+        self._snapshot = snap
+        self._installed = list(report.clippers)
+        self._applied_at = w.collected + 1
+        self.state = "verifying"
+        for clipper in report.clippers:
+            w.add_step_callback(lambda watcher, s, c=clipper: watcher.set_scalar("clip_threshold", c.threshold)
+                                if c.attached else None)
+        self._event(step, "clipping", "; ".join(c.summary() for c in report.applied) + "; verifying", report,
+                    {"loss_before": self._before_loss, "severity_before": self._before_score})
 
     # -- seams for training frameworks -----------------------------------------------------------
     def agree(self, value: Any) -> Any:

@@ -26,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch import provenance
 from gradwatch.findings import Diagnosis, Finding, LayerRow
 from gradwatch.history import HistoryView
+from gradwatch.precision import underflow_findings
+from gradwatch.spikes import spike_findings
 from gradwatch.thresholds import Thresholds
 
 _EXCLUDED_FROM_DEPTH = ("Embedding", "EmbeddingBag")
@@ -517,14 +520,18 @@ def _nonfinite(ctx: _Context) -> list[Finding]:
         if not (len(recent) and recent.mean() >= 0.5):
             return []
     fixes = ("clip_gradients", "lower_lr")
+    cause, why = provenance.explain(view.nonfinite_provenance, ctx.th) if view.nonfinite_provenance else (None, "")
     return [Finding(
         kind="nonfinite",
         layers=tuple(layers),
         severity="critical",
         message=(f"Non-finite gradients (NaN/Inf) first appeared at step {step} in {', '.join(layers[:3])}"
-                 f"{'...' if len(layers) > 3 else ''}; {view.nonfinite_steps} of {view.total_steps} steps affected."),
+                 f"{'...' if len(layers) > 3 else ''}; {view.nonfinite_steps} of {view.total_steps} steps affected."
+                 + (f" Cause: {why}." if why else "")),
         evidence={"first_step": int(step), "first_layers": list(layers), "nonfinite_steps": int(view.nonfinite_steps),
-                  "total_steps": int(view.total_steps), "still_occurring": recent_bad},
+                  "total_steps": int(view.total_steps), "still_occurring": recent_bad, "cause": cause,
+                  "origin": (view.nonfinite_provenance or {}).get("origin"),
+                  "provenance": dict(view.nonfinite_provenance or {})},
         fixes=fixes,
         reasons=_reasons("nonfinite", fixes),
     )]
@@ -628,7 +635,15 @@ def _rows(ctx: _Context, findings: list[Finding]) -> tuple[LayerRow, ...]:
     return tuple(rows)
 
 
-_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4}
+_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4, "spike": 5, "underflow": 6}
+
+
+def _spike(ctx: _Context) -> list[Finding]:
+    return spike_findings(ctx.view, ctx.th)
+
+
+def _underflow(ctx: _Context) -> list[Finding]:
+    return underflow_findings(ctx.view, ctx.th)
 
 
 def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure: dict | None = None) -> Diagnosis:
@@ -647,7 +662,7 @@ def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure:
     try:
         ctx = _Context(view, th)
         findings: list[Finding] = []
-        for rule in (_nonfinite, _exploding, _vanishing, _activation_findings):
+        for rule in (_nonfinite, _exploding, _vanishing, _activation_findings, _spike, _underflow):
             try:
                 findings.extend(rule(ctx))
             except Exception as exc:  # a rule must never take the training run down

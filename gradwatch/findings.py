@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_units", "saturation"]
+FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_units", "saturation", "spike", "underflow"]
 Severity = Literal["warning", "critical"]
 
-FINDING_KINDS: tuple[str, ...] = ("nonfinite", "exploding", "vanishing", "dead_units", "saturation")
+FINDING_KINDS: tuple[str, ...] = ("nonfinite", "exploding", "vanishing", "dead_units", "saturation", "spike", "underflow")
 SEVERITIES: tuple[str, ...] = ("warning", "critical")
 FIX_NAMES: tuple[str, ...] = (
     "clip_gradients",
@@ -23,6 +23,8 @@ FIX_NAMES: tuple[str, ...] = (
     "swap_activation",
     "lstm_gru",
     "lower_lr",
+    "skip_spikes",
+    "mixed_precision",
 )
 
 
@@ -31,7 +33,7 @@ class Finding:
     """One problem the diagnosis found.
 
     Attributes:
-        kind: ``"vanishing" | "exploding" | "nonfinite" | "dead_units" | "saturation"``.
+        kind: ``"vanishing" | "exploding" | "nonfinite" | "dead_units" | "saturation" | "spike" | "underflow"``.
         layers: qualified module names as ``model.named_modules()`` spells them, early layers first.
         severity: ``"warning"`` or ``"critical"``.
         message: one sentence a practitioner understands.

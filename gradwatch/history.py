@@ -20,12 +20,15 @@ activation modules holds 16 MB of gradient history, 2.4 MB of samples and 16.4 M
 from __future__ import annotations
 
 import math
+import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from gradwatch import provenance
 from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS
 from gradwatch.collect import GRAD_METRICS
 
@@ -83,6 +86,19 @@ class HistoryView:
     peak_update_step: np.ndarray | None = None
     #: median loss of the run's first (up to 10) recorded steps: where learning started from
     initial_loss: float | None = None
+    #: the evidence frozen at the first non-finite step (:func:`gradwatch.provenance.capture`): kept
+    #: for the whole run, so a window that is all NaN can still say what led to it
+    nonfinite_provenance: dict[str, Any] | None = None
+    #: AMP loss scales recorded inside the window (fp16 loss scaling; empty when not recorded)
+    loss_scale: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: per layer (depth order), the run's lowest block-mean fraction of exactly-zero gradient elements
+    lowest_zero_frac: np.ndarray | None = None
+    #: up to ``lookback`` steps *before* the window (gradient norms ``[steps, layers]``, total norms,
+    #: losses): a baseline for rules that compare a step with its own recent history (spikes)
+    pre_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pre_grad_norm: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    pre_total_norm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pre_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def metric(self, name: str) -> np.ndarray:
         """``[steps, layers]`` array of one gradient metric."""
@@ -165,7 +181,7 @@ class HistoryView:
             if bad.any():
                 t = int(np.argmax(bad.any(axis=1)))
                 first_nf = (int(steps[t]), [layer_names[i] for i in np.flatnonzero(bad[t])])
-        return cls(
+        out = cls(
             initial_loss=initial_loss,
             layers=layer_names,
             layer_meta=[replace(layer_meta[n], depth=i) if layer_meta and n in layer_meta else LayerMeta(depth=i)
@@ -185,6 +201,9 @@ class HistoryView:
             total_steps=len(steps),
             context=dict(context or {}),
         )
+        if first_nf is not None:  # logs hold every step: the evidence before the first NaN is there
+            out.nonfinite_provenance = provenance.capture(out, first_nf[0], first_nf[1])
+        return out
 
 
 class _Ring:
@@ -322,6 +341,9 @@ class History:
         self._signal = _Ring(sample_capacity, (0, len(LAYER_SIGNAL_METRICS)))
         self._summary = _Summary(summary_slots, (0, len(GRAD_METRICS)))
         self.first_nonfinite: tuple[int, list[str]] | None = None
+        self.nonfinite_provenance: dict[str, Any] | None = None
+        #: (step, scale) of the AMP loss scale, as recorded (bounded like the recent window)
+        self.loss_scales: deque[tuple[int, float]] = deque(maxlen=capacity)
         self._peak = np.zeros(0)
         self._peak_upd = np.zeros(0)
         self._peak_upd_step = np.zeros(0, dtype=np.int64)
@@ -395,6 +417,7 @@ class History:
             self.nonfinite_steps += 1
             if self.first_nonfinite is None:
                 self.first_nonfinite = (step, [self.layers[columns[i]] for i in np.flatnonzero(nf)])
+                self._capture_provenance()
 
     def append_steps(
         self, steps: list[int], columns: list[int], values: np.ndarray, total_norms: list[float], losses: list[float]
@@ -439,6 +462,22 @@ class History:
                     self.nonfinite_steps += 1
                     if self.first_nonfinite is None:
                         self.first_nonfinite = (s, [self.layers[columns[i]] for i in np.flatnonzero(row)])
+                        self._capture_provenance()
+
+    def record_loss_scale(self, step: int, scale: float) -> None:
+        """Keep the AMP loss scale in force at ``step`` (the latest is also ``context["loss_scale"]``)."""
+        self.loss_scales.append((int(step), float(scale)))
+        self.context["loss_scale"] = float(scale)
+
+    def _capture_provenance(self) -> None:
+        """Freeze the evidence before the first non-finite step (once per run; never raises)."""
+        try:
+            step, layers = self.first_nonfinite  # type: ignore[misc]
+            view = self.view(last=provenance.LOOKBACK + _RECORD_SLACK)
+            self.nonfinite_provenance = provenance.capture(view, step, layers)
+        except Exception as exc:  # evidence is a bonus: recording must go on
+            self.nonfinite_provenance = {"step": self.first_nonfinite[0] if self.first_nonfinite else None,
+                                         "error": f"{type(exc).__name__}: {exc}"}
 
     def _identity_columns(self, columns: list[int]) -> bool:
         """Whether ``columns`` is ``0 .. len(layers) - 1`` in order; remembered for the list object the
@@ -493,11 +532,13 @@ class History:
     def _depth_order(self) -> list[int]:
         return sorted(range(len(self.layers)), key=lambda i: (self.layer_meta[self.layers[i]].depth, i))
 
-    def view(self, last: int | None = None, last_samples: int | None = None, active_only: bool = False) -> HistoryView:
+    def view(self, last: int | None = None, last_samples: int | None = None, active_only: bool = False,
+             lookback: int = 0) -> HistoryView:
         """The most recent ``last`` steps (all kept steps when ``None``) in depth order.
 
         ``active_only`` keeps only the layers and activations of the model as it is now (a fix may
-        have replaced some); the diagnosis uses it, exports keep everything.
+        have replaced some); the diagnosis uses it, exports keep everything. ``lookback`` adds up to
+        that many earlier steps' gradient norms, total norms and losses (``pre_*``) as a baseline.
         """
         order = self._depth_order()
         active = getattr(self, "_active_layers", None)
@@ -535,7 +576,29 @@ class History:
             nonfinite_steps=self.nonfinite_steps,
             total_steps=self.total_steps,
             context=dict(self.context),
+            nonfinite_provenance=self.nonfinite_provenance,
+            loss_scale=np.array([s for t, s in self.loss_scales if not len(steps) or t >= steps[0]], dtype=np.float64),
+            lowest_zero_frac=self._lowest_zero_frac(order),
+            **self._lookback(last, lookback, order),
         )
+
+    def _lowest_zero_frac(self, order: list[int]) -> np.ndarray:
+        """Per layer, the lowest block mean of the exactly-zero gradient fraction over the whole run."""
+        _, _, mean = self._summary.means()
+        if not len(mean):
+            return np.full(len(order), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmin(mean[:, :, _ZF], axis=0)[order]
+
+    def _lookback(self, last: int | None, lookback: int, order: list[int]) -> dict[str, np.ndarray]:
+        if last is None or lookback <= 0:
+            return {}
+        steps, grad = self._grad.ordered(last + lookback)
+        _, scalars = self._scalars.ordered(last + lookback)
+        k = max(0, len(steps) - last)
+        return {"pre_steps": steps[:k], "pre_grad_norm": grad[:k][:, order, _GN] if k else np.zeros((0, len(order)), np.float32),
+                "pre_total_norm": scalars[:k, 0].astype(np.float64), "pre_loss": scalars[:k, 1].astype(np.float64)}
 
     def to_dataframe(self, include_long_term: bool = False) -> pd.DataFrame:
         """Long format: one row per ``(step, layer, metric)`` with columns ``step, layer, metric, value, depth``.
@@ -625,6 +688,8 @@ class History:
                 "first": tensor(sm.first[:n]), "last": tensor(sm.last[:n]),
             },
             "first_nonfinite": None if self.first_nonfinite is None else [self.first_nonfinite[0], list(self.first_nonfinite[1])],
+            "nonfinite_provenance": self.nonfinite_provenance,
+            "loss_scales": [list(x) for x in self.loss_scales],
             "nonfinite_steps": self.nonfinite_steps,
             "total_steps": self.total_steps,
             "context": dict(self.context),
@@ -708,6 +773,9 @@ class History:
         self._summary = sm
         fnf = state.get("first_nonfinite")
         self.first_nonfinite = None if fnf is None else (int(fnf[0]), [str(n) for n in fnf[1]])
+        self.nonfinite_provenance = state.get("nonfinite_provenance")
+        self.loss_scales.clear()
+        self.loss_scales.extend((int(t), float(s)) for t, s in state.get("loss_scales", []))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.total_steps = int(state.get("total_steps", t))
         context = dict(state.get("context", {}))
@@ -717,6 +785,10 @@ class History:
 
 _STATE_VERSION = 1
 _NONFINITE = GRAD_METRICS.index("nonfinite")
+_GN = GRAD_METRICS.index("grad_norm")
+_ZF = GRAD_METRICS.index("grad_zero_frac")
+#: steps recorded in one batch may follow the first non-finite one: look back past them
+_RECORD_SLACK = 64
 _GTW = GRAD_METRICS.index("grad_to_weight")
 _UPD = GRAD_METRICS.index("update_ratio")
 _WN = GRAD_METRICS.index("weight_norm")

@@ -114,7 +114,7 @@ class RunLog:
             layer_meta=lmeta or None, activation_meta=ameta or None,
         )
         every = max(1, int(self.meta.get("activation_every_n_steps") or 1))
-        return window(view, th.window, max(3, th.window // every + 1))
+        return window(view, th.window, max(3, th.window // every + 1), th.spike_lookback)
 
     def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
         """Run the diagnosis offline, exactly as the live watcher's ``diagnose()`` does."""
@@ -124,9 +124,10 @@ class RunLog:
         return diagnose(self.history_view(th), th)
 
 
-def window(view: HistoryView, last: int, last_samples: int) -> HistoryView:
+def window(view: HistoryView, last: int, last_samples: int, lookback: int = 0) -> HistoryView:
     """The most recent ``last`` steps and ``last_samples`` activation samples of a view, as
-    ``History.view(last, last_samples)`` selects them (samples from inside the step window only)."""
+    ``History.view(last, last_samples, lookback=lookback)`` selects them (samples from inside the step
+    window only; up to ``lookback`` earlier steps as the ``pre_*`` baseline)."""
     from dataclasses import replace
 
     steps = view.steps[-last:]
@@ -135,8 +136,11 @@ def window(view: HistoryView, last: int, last_samples: int) -> HistoryView:
         keep[-last_samples:] = True
     if len(steps):
         keep &= view.sample_steps >= steps[0]
+    pre = slice(max(0, len(view.steps) - last - lookback), max(0, len(view.steps) - last))
     return replace(
         view,
+        pre_steps=view.steps[pre], pre_grad_norm=view.metric("grad_norm")[pre], pre_total_norm=view.total_norm[pre],
+        pre_loss=view.loss[pre],
         steps=steps, grad=view.grad[-last:], total_norm=view.total_norm[-last:], loss=view.loss[-last:],
         sample_steps=view.sample_steps[keep], act=view.act[keep], signal=view.signal[keep],
     )

@@ -43,7 +43,7 @@ from gradwatch.findings import FIX_NAMES
 log = logging.getLogger(__name__)
 
 #: Problems a reference case can show; ``None`` means a healthy control or a fixed twin.
-PROBLEMS: tuple[str, ...] = ("vanishing", "exploding", "dead_units", "saturation")
+PROBLEMS: tuple[str, ...] = ("vanishing", "exploding", "dead_units", "saturation", "spike")
 
 #: Suffix of a problem case's fixed twin: ``"sigmoid_mlp"`` -> ``"sigmoid_mlp_fixed"``.
 TWIN_SUFFIX = "_fixed"
@@ -65,7 +65,7 @@ class ReferenceCase:
         optimizer: builds the optimizer from parameters (use :meth:`make_optimizer`).
         batch_size: examples per step; :meth:`batch` walks the data set in order, cycling.
         default_steps: steps after which the problem and its twin are compared.
-        problem: ``"vanishing" | "exploding" | "dead_units" | "saturation"``, or ``None``.
+        problem: ``"vanishing" | "exploding" | "dead_units" | "saturation" | "spike"``, or ``None``.
         twin: the fixed twin's name for a problem case, the problem's name for a twin, else ``None``.
         cure: fix names (see ``gradwatch.findings.FIX_NAMES``) that turn the problem into the
             twin; on a twin, the fixes it embodies; empty for healthy controls.
@@ -819,6 +819,47 @@ def saturated_sigmoid_fixed(seed: int = 0) -> ReferenceCase:
 
 # ----------------------------------------------------------------------------------------------
 # 9. Healthy controls
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient spikes: one corrupt batch per epoch
+
+
+SPIKE_BAD_BATCH = 100  # of 128 per epoch: the spikes hit steps 100 and 228 of the 240
+
+
+def _spike_case(name: str, seed: int, clip: float | None, **kwargs: object) -> ReferenceCase:
+    g = _generator(seed)
+    inputs = torch.randn(4096, 16, generator=g)
+    targets = torch.tanh(inputs @ torch.randn(16, 4, generator=g) / 4)
+    bad = slice(SPIKE_BAD_BATCH * 32, (SPIKE_BAD_BATCH + 1) * 32)
+    targets[bad] *= 30.0  # mislabelled by a unit error upstream: every residual is 30x
+    return ReferenceCase(name=name, model=mlp(16, 64, 3, 4, nn.Tanh), loss_fn=nn.functional.mse_loss, inputs=inputs,
+                         targets=targets, seed=seed, optimizer=_sgd(0.05), batch_size=32, default_steps=240,
+                         clip_grad_norm=clip, **kwargs)  # type: ignore[arg-type]
+
+
+@register_model
+def spike_mlp(seed: int = 0) -> ReferenceCase:
+    """Gradient spike: one corrupt batch per epoch knocks a healthy tanh regressor off course."""
+    return _spike_case(
+        "spike_mlp", seed, None, problem="spike", twin="spike_mlp_fixed", cure=("clip_gradients",),
+        description=(
+            "Gradient spike: a healthy 3-layer tanh MLP regressing a smooth teacher with SGD (lr 0.05, momentum "
+            "0.9), except that one batch per epoch has targets 30x too large. On that step every layer's "
+            "gradient norm jumps far above its own recent history and the update throws the model off; the "
+            "loss is still high 10 steps later. clip_gradients at the run's own robust bound caps the spike."
+        ),
+    )
+
+
+@register_model
+def spike_mlp_fixed(seed: int = 0) -> ReferenceCase:
+    """Fixed twin of ``spike_mlp``: global-norm clipping at 0.3 (about 1.4x the typical norm)."""
+    return _spike_case(
+        "spike_mlp_fixed", seed, 0.3, problem=None, twin="spike_mlp", cure=("clip_gradients",),
+        description="spike_mlp with global gradient-norm clipping at 0.3: the corrupt batch moves the weights no further than a normal one.",
+    )
 
 
 @register_model

@@ -63,7 +63,7 @@ def render_report(diagnosis: Diagnosis, max_layers: int = 60) -> str:
     d = diagnosis
     span = f" (steps {d.steps[0]}-{d.steps[1]})" if d.steps else ""
     if d.healthy:
-        head = f"gradwatch diagnosis{span}: healthy - no vanishing, exploding, non-finite, dead or saturated layers found"
+        head = f"gradwatch diagnosis{span}: healthy - no vanishing, exploding, non-finite, dead, saturated, spiking or underflowing layers found"
     else:
         head = f"gradwatch diagnosis{span}: {len(d.findings)} finding(s)"
     lines = [head]

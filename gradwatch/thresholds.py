@@ -55,6 +55,17 @@ class Thresholds:
             while the loss (when ``watcher.step(loss)`` provides it) has fallen less than this
             fraction from the run's start: a model that learns its task is not blocked by forgetting
             what the task does not need.
+        spike_z: a layer's log gradient norm this many robust deviations (1.4826 x MAD over its
+            trailing ``spike_baseline`` steps) above its trailing median is a spike candidate ...
+        spike_ratio: ... and it must also be this many times that median (both: see ``gradwatch.spikes``).
+        spike_total_ratio: ... and the step's total norm this many times its own trailing median.
+        spike_baseline: trailing steps forming each step's baseline.
+        spike_min_baseline: steps with fewer finite baseline values are not judged (the run's start).
+        spike_lookback: steps before the diagnosis window in which spikes are also counted (first spike,
+            recurrence); a finding still needs a spike inside the window.
+        underflow_zero_rise: fp16 underflow: a layer's exactly-zero gradient fraction risen by at least this
+            much (absolute) over the run's lowest ...
+        underflow_max_scale: ... while the GradScaler's loss scale is at most this.
         amp_tolerated_nonfinite: unused since 0.1.0 (kept so old configurations load): with fp16
             loss scaling, non-finite gradients are a finding only while they occur in at least half
             of the latest four collected steps (calibration overflows are skipped steps).
@@ -83,6 +94,14 @@ class Thresholds:
     saturated_critical_frac: float = 0.9
     amp_tolerated_nonfinite: float = 0.05
     learning_loss_drop: float = 0.25
+    spike_z: float = 6.0
+    spike_ratio: float = 10.0
+    spike_total_ratio: float = 2.0
+    spike_baseline: int = 50
+    spike_min_baseline: int = 20
+    spike_lookback: int = 200
+    underflow_zero_rise: float = 0.2
+    underflow_max_scale: float = 128.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -131,6 +131,9 @@ class GradWatcher:
             or ``"raise"``.
         name: a label for logs.
         sinks: extra sinks receiving every record.
+        scaler: the run's ``torch.amp.GradScaler`` (fp16 mixed precision): its loss scale is recorded
+            on slow-stat steps (``get_scale()`` is one host read) for the ``underflow`` finding, and
+            non-finite steps are read as the overflow-skipped steps they are.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` / ``optimizer`` not a ``torch.optim.Optimizer``.
@@ -163,6 +166,7 @@ class GradWatcher:
         on_error: str = "detach",
         name: str | None = None,
         sinks: Iterable[Sink] = (),
+        scaler: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradwatch.watch expects a torch.nn.Module, got {type(model).__name__}")
@@ -243,6 +247,11 @@ class GradWatcher:
         lrs = [g.get("lr") for g in optimizer.param_groups] if optimizer is not None else []
         lr_values = [float(v) for v in lrs if isinstance(v, int | float)]
         self.history.context["lr"] = max(lr_values) if lr_values else None
+        self.scaler = scaler
+        if scaler is not None:
+            if not callable(getattr(scaler, "get_scale", None)):
+                raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+            self.history.context["amp_loss_scaling"] = bool(getattr(scaler, "is_enabled", lambda: True)())
         self._set_layers(layers)
         self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
         if self.activations_enabled and self._is_sample(0):
@@ -272,7 +281,9 @@ class GradWatcher:
         if auto_fix is False or auto_fix is None:
             return ()
         if auto_fix is True:
-            return FIX_NAMES
+            from gradwatch.fixes.registry import default_fixes
+
+            return tuple(n for n in FIX_NAMES if n in default_fixes())  # opt-in fixes only when named
         if isinstance(auto_fix, str):
             auto_fix = [auto_fix]
         names = tuple(auto_fix)
@@ -374,6 +385,8 @@ class GradWatcher:
             return
         index = self.collected
         self._reduced = False
+        if self.scaler is not None and index % self.slow_stats_every_n == 0:
+            self.note_loss_scale(self.scaler.get_scale(), call if global_step is None else int(global_step))
         try:
             self._collect(call if global_step is None else int(global_step), loss)
         except Exception as exc:
@@ -619,6 +632,14 @@ class GradWatcher:
         if self._sampler is not None and self._sampler.armed:
             self._sampler._root_done(self.model, (), None)
 
+    def note_loss_scale(self, scale: float, step: int | None = None) -> None:
+        """Record the AMP loss scale in force at ``step`` (default: the next step to be collected); the
+        Lightning callback and ``watch(scaler=...)`` call it. A scale means fp16 loss scaling is on."""
+        if self.closed:
+            return
+        self.history.context["amp_loss_scaling"] = True
+        self.history.record_loss_scale(self.calls if step is None else int(step), float(scale))
+
     def note_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
         """Tell the diagnosis which optimizer(s) update the model, without hooking them (the caller
         collects). Adam-like optimizers are invariant to gradient scale, which changes the fixes."""
@@ -632,7 +653,7 @@ class GradWatcher:
         """Diagnose the most recent ``thresholds.window`` collected steps."""
         th = thresholds or self.thresholds
         view = self.history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
-                                 active_only=True)
+                                 active_only=True, lookback=th.spike_lookback)
         diag = run_diagnosis(view, th, structure=self.structure)
         return self._with_code(diag)
 

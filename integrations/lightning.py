@@ -459,6 +459,7 @@ class GradWatchCallback(Callback):
         watcher.note_optimizers(*trainer.optimizers)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         watcher.history.context["amp_loss_scaling"] = scaler is not None
+        watcher.scaler = scaler  # its loss scale is recorded on slow-stat steps (underflow finding)
         self._unscale = _Unscaler(scaler) if scaler is not None else None
         reducer = _ShardReducer.for_trainer(trainer, pl_module, watcher, then=self._unscale)
         watcher.row_reducer = reducer if reducer is not None else self._unscale

@@ -637,7 +637,7 @@ class LightningAutoFixer(AutoFixer):
             finding = (diag.by_kind("exploding") or diag.by_kind("nonfinite"))[0]
             recorded = finding.evidence.get("total_norm_history") or w.history.view().total_norm
             history = [float(v) for v in recorded if math.isfinite(float(v))]
-        self.clipping = TrainerClipping(config.get("mode", "norm"), max_norm=config.get("max_norm", options.get("max_norm", 1.0)),
+        self.clipping = TrainerClipping(config.get("mode", "norm"), max_norm=config.get("max_norm", options.get("max_norm") or 1.0),
                                         percentile=options.get("percentile", 10.0), window=options.get("window", 10_000),
                                         clip_factor=options.get("clip_factor", 0.01), history=history, step=step)
         how = self.clipping.install(self.trainer)

@@ -100,6 +100,40 @@ def test_clipping_engages_on_exploding_gradients_and_its_threshold_is_logged() -
         run(model, opt, w, 30)
         assert [e.action for e in w.autofixer.events if e.action == "clipping"] == ["clipping"]
         assert "clip_threshold" in w._extra_scalars
+        assert w.autofixer.state == "verifying"  # clipping is verified like every other fix
+        run(model, opt, w, 60)
+        assert [e.action for e in w.autofixer.events][-2:] in (["clipping", "kept"], ["clipping", "rolled_back"])
+        assert "loss_after" in w.autofixer.events[-1].evidence
+
+
+def test_clipping_that_leaves_the_loss_worse_is_removed_and_the_model_restored() -> None:
+    torch.manual_seed(0)
+    model = scale_init(mlp(nn.ReLU, 6, width=64), 3.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    base = vector_task()
+
+    def drifting(i):  # the inputs grow over time: a ReLU net's logits (and loss) grow with them, clipped or not
+        x, y = base(i)
+        return x * (1 + i / 3), y
+
+    with gradwatch.watch(model, optimizer=opt, auto_fix=["clip_gradients"], auto_fix_probe_steps=10,
+                         auto_fix_verify_steps=20, diagnose_every_n_steps=10, on_error="raise") as w:
+        run(model, opt, w, 10, task=drifting)
+        (clip_event,) = [e for e in w.autofixer.events if e.action == "clipping"]
+        assert gradwatch.fixes.attached_clippers(opt)
+        run(model, opt, w, 25, task=drifting)
+        verdict = w.autofixer.events[-1]
+        assert verdict.action == "rolled_back", [e.to_dict() for e in w.autofixer.events]
+        assert verdict.evidence["loss_after"] > verdict.evidence["loss_before"]
+        assert not gradwatch.fixes.attached_clippers(opt)  # the clipping hook is gone
+        assert clip_event.step < verdict.step
+
+
+def test_auto_fix_true_never_applies_opt_in_fixes() -> None:
+    model = mlp(nn.ReLU, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, optimizer=opt, auto_fix=True) as w:
+        assert "skip_spikes" not in w.auto_fix and "clip_gradients" in w.auto_fix
 
 
 def test_healthy_model_is_left_alone_bitwise() -> None:
@@ -139,3 +173,26 @@ def test_auto_fix_is_written_to_tensorboard_text(tmp_path) -> None:
     texts = acc.Tensors("gradwatch/auto_fix/text_summary")
     assert [t.step for t in texts] == [9, 19]
     assert b"applied" in texts[0].tensor_proto.string_val[0] and b"kept" in texts[1].tensor_proto.string_val[0]
+
+
+def test_recurrent_over_scaling_under_adam_gets_no_automatic_clipping() -> None:
+    # the exploding_rnn reference model, trained with Adam: Adam is invariant to gradient scale, so the
+    # finding ranks lower_lr before clipping and the auto-fixer must not engage (and keep) clipping
+    from gradwatch import models
+
+    case = models.create("exploding_rnn", seed=0)
+    opt = torch.optim.Adam(case.model.parameters(), lr=1e-3)
+    with gradwatch.watch(case.model, optimizer=opt, auto_fix=True, auto_fix_probe_steps=10,
+                         diagnose_every_n_steps=10, activations=False, on_error="raise") as w:
+        for t in range(40):
+            x, y = case.batch(t)
+            loss = case.loss_fn(case.model(x), y)
+            loss.backward()
+            w.step(loss)
+            opt.step()
+            opt.zero_grad()
+        diag = w.diagnose()
+    (f,) = diag.by_kind("exploding")
+    assert f.fixes[:2] == ("lower_lr", "clip_gradients")
+    assert not any(e.action == "clipping" for e in w.autofixer.events), [e.to_dict() for e in w.autofixer.events]
+    assert not gradwatch.fixes.attached_clippers(opt)

@@ -16,6 +16,9 @@ swap_activation     Sigmoid/Tanh -> ReLU family (LeakyReLU for dead units)      
 lstm_gru            ``nn.RNN`` -> ``nn.GRU`` / RNN-compatible LSTM, with the    structural
                     state-keeping gate biased to keep
 lower_lr            recommend a smaller learning rate                           advice
+skip_spikes         opt-in: skip the update of a spike step (optimizer step     in place
+                    pre-hook; optimizer state untouched)
+mixed_precision     recommend bfloat16 or a higher GradScaler scale             advice
 ==================  ==========================================================  ===========
 
 The entry points: :func:`apply_fixes` (policy and record), :func:`replay` (rebuild a fixed
@@ -46,7 +49,9 @@ from gradwatch.fixes import (  # noqa: F401  (importing a fix module registers i
     insert_batchnorm,
     lower_lr,
     lstm_gru,
+    mixed_precision,
     residual,
+    skip_spikes,
     swap_activation,
 )
 from gradwatch.fixes.apply import apply_fixes

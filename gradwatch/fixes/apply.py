@@ -15,6 +15,7 @@ Policy (which fixes are applied):
     * A fix acts only on the layers its finding names; a module already handled by the same fix
       for an earlier finding is not handled twice, and at most one clipper is installed per
       optimizer.
+    * Opt-in fixes (``Fix.opt_in``, e.g. ``skip_spikes``) are applied only when ``only`` names them.
     * A healthy diagnosis changes nothing.
 """
 
@@ -131,7 +132,8 @@ def _treat(
     dry_run: bool,
     report: FixReport,
 ) -> None:
-    ranked = [name for name in finding.fixes if allowed is None or name in allowed]
+    ranked = [name for name in finding.fixes
+              if (name in allowed if allowed is not None else not fixes[name].opt_in)]
     if not ranked:
         if finding.fixes:
             report.notes.append(f"{finding.kind} on {list(finding.layers)}: none of {list(finding.fixes)} is allowed by only=")

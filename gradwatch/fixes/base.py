@@ -166,6 +166,9 @@ class Fix(ABC):
     kinds: ClassVar[tuple[str, ...]] = ()
     #: Why the fix helps, per finding kind (for the record when the finding gives no reason).
     why: ClassVar[dict[str, str]] = {}
+    #: Opt-in fixes are applied only when named (``apply_fixes(only=[...])``, ``auto_fix=[...]``),
+    #: never by the default policy: they change how training proceeds, not the model.
+    opt_in: ClassVar[bool] = False
 
     def options(self) -> dict[str, Any]:
         """The fix's options, as plain data (for the record)."""

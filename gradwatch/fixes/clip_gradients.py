@@ -40,7 +40,9 @@ class ClipGradients(Fix):
 
     Args:
         mode: ``"norm"`` (default), ``"autoclip"`` or ``"agc"``.
-        max_norm: threshold for ``"norm"`` (default ``1.0``).
+        max_norm: threshold for ``"norm"``; default ``None``: the finding's
+            ``evidence["clip_threshold"]`` when it gives one (a spike finding: the run's own robust
+            upper bound of the total norm, scale-free), else ``1.0``.
         percentile: AutoClip percentile (default ``10``).
         clip_factor: AGC ``lambda`` (default ``0.01``).
         window: AutoClip history length (default ``10_000``).
@@ -51,12 +53,12 @@ class ClipGradients(Fix):
 
     name = "clip_gradients"
     structural = False
-    kinds = ("exploding", "nonfinite")
+    kinds = ("exploding", "nonfinite", "spike")
 
     def __init__(
         self,
         mode: str = "norm",
-        max_norm: float = 1.0,
+        max_norm: float | None = None,
         percentile: float = 10.0,
         clip_factor: float = 0.01,
         window: int | None = 10_000,
@@ -68,7 +70,7 @@ class ClipGradients(Fix):
         self.percentile = percentile
         self.clip_factor = clip_factor
         self.window = window
-        self._build(max_norm, None)  # validate values now
+        self._build(1.0 if max_norm is None else max_norm, None)  # validate values now
 
     def options(self) -> dict[str, Any]:
         return {
@@ -98,11 +100,13 @@ class ClipGradients(Fix):
             plan.reason = f"clip_gradients treats {self.kinds} findings, not {finding.kind!r}"
             return plan
         evidence = finding.evidence
-        max_norm = float(self.max_norm)
+        threshold = evidence.get("clip_threshold")
+        from_evidence = self.max_norm is None and isinstance(threshold, int | float) and math.isfinite(threshold) and threshold > 0
+        max_norm = float(threshold) if from_evidence else float(1.0 if self.max_norm is None else self.max_norm)
         history = evidence.get("total_norm_history") if self.mode == "autoclip" else None
         config: dict[str, Any] = {"mode": self.mode}
         if self.mode == "norm":
-            config.update(max_norm=max_norm)
+            config.update(max_norm=max_norm, max_norm_source="evidence['clip_threshold']" if from_evidence else "option")
             percentiles = evidence.get("total_norm_percentiles")
             if percentiles:
                 config["observed_norm_percentiles"] = dict(percentiles)

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradwatch.ratelimit import RepeatedLog
+
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("autoclip", "norm", "agc")
@@ -175,6 +177,8 @@ class GradientClipper:
         self._threshold = self._current_threshold()
         self._optimizer: weakref.ReferenceType[torch.optim.Optimizer] | None = None
         self._handle: RemovableHandle | None = None
+        self._repeated = RepeatedLog(log)
+        self._retired = False
 
     def _current_threshold(self) -> float:
         if self.mode == "norm":
@@ -222,7 +226,7 @@ class GradientClipper:
                 for p in params:
                     p.grad = None
                 self.skipped_steps += 1
-                log.warning("gradwatch clip: non-finite gradient norm %s; step skipped (gradients dropped)", norm)
+                self._repeated("nonfinite", "gradwatch clip: non-finite gradient norm %s; step skipped (gradients dropped)", norm)
             return norm
         if self.mode == "agc":
             if agc_(params, self.clip_factor, self.eps):
@@ -237,7 +241,18 @@ class GradientClipper:
         return norm
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._retired:
+            return
         self.clip_(p for group in optimizer.param_groups for p in group["params"])
+
+    def retire(self) -> None:
+        """Stop clipping now, from anywhere - also from inside an optimizer step pre-hook (the auto-fixer
+        rolling clipping back), where removing a hook would break the optimizer's loop over its hooks:
+        the hook stays registered as a no-op until :meth:`remove`."""
+        self._retired = True
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if optimizer is not None and optimizer in _ATTACHED:
+            _ATTACHED[optimizer] = [c for c in _ATTACHED[optimizer] if c is not self]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GradientClipper:
         """Install on ``optimizer`` (a step pre-hook); returns ``self`` for chaining.
@@ -254,7 +269,7 @@ class GradientClipper:
 
     @property
     def attached(self) -> bool:
-        return self._handle is not None
+        return self._handle is not None and not self._retired
 
     def remove(self) -> None:
         """Take the hook off the optimizer (idempotent)."""

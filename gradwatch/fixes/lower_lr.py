@@ -57,7 +57,7 @@ class LowerLR(Fix):
 
     name = "lower_lr"
     structural = False
-    kinds = ("exploding", "nonfinite", "dead_units")
+    kinds = ("exploding", "nonfinite", "dead_units", "spike")
 
     def __init__(self, factor: float | None = None):
         if factor is not None and not 0.0 < float(factor) < 1.0:
@@ -79,11 +79,10 @@ class LowerLR(Fix):
             lrs = [g.get("lr") for g in ctx.optimizer.param_groups]
             plan.details["current_lr"] = [float(lr) if lr is not None else None for lr in lrs]
             plan.details["suggested_lr"] = [float(lr) * factor if lr is not None else None for lr in lrs]
-        why = (
-            "large steps push ReLU units into the region where they never fire again"
-            if finding.kind == "dead_units"
-            else "steps far larger than the weights they update make training unstable"
-        )
+        why = {
+            "dead_units": "large steps push ReLU units into the region where they never fire again",
+            "spike": "a smaller peak learning rate (or a longer warm-up) keeps one spiking batch from moving the weights far",
+        }.get(finding.kind, "steps far larger than the weights they update make training unstable")
         plan.reason = (
             f"multiply the learning rate by {factor:g} ({source}): {why}; gradwatch does not change the learning "
             "rate itself"

@@ -39,6 +39,11 @@ def list_fixes() -> list[str]:
     return list(_REGISTRY)
 
 
+def default_fixes() -> list[str]:
+    """Names of the registered fixes the default policy may apply (all but the opt-in ones)."""
+    return [name for name, cls in _REGISTRY.items() if not cls.opt_in]
+
+
 def check_names(names: Any, what: str = "fix") -> list[str]:
     """Validate a list of fix names.
 
