@@ -39,6 +39,7 @@ one persistent copy of the weights (allocated on the first slow step, reused, fr
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,6 +95,11 @@ class Launched:
     all_present: bool    # every layer had a gradient, on one device
     repairable: bool     # the step's gradients are still there (non-finite layers can be recounted)
 
+
+_PLAIN = {torch.Tensor}
+_GRAD = operator.attrgetter("grad")
+#: torch's C++ grouping of tensor lists by (device, dtype), as its foreach optimizers use it
+_GROUP = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
 
 #: gradient dtypes reduced as they are (anything else -- complex, integer -- goes through ``_as_real_dense``)
 _REAL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
@@ -196,6 +202,13 @@ class GradientCollector:
         owner = [i for i, layer in enumerate(self.layers) for _ in layer.params]
         self._owner = owner
         self._numel = [_local(p).numel() for p in self.params]  # local shard (reduced across ranks)
+        self._all_positions = list(range(len(self.params)))
+        #: the weights are read as they are (dense, real, not sharded): no per-parameter conversion
+        self._plain_weights = all(type(p) in (torch.nn.Parameter, torch.Tensor) and p.layout == torch.strided
+                                  and not p.is_complex() for p in self.params)
+        #: a module that can produce sparse gradients (``sparse=True`` embeddings): always the full check
+        self._maybe_sparse = _GROUP is None or any(getattr(layer.module, "sparse", False) is True for layer in self.layers) \
+            or any(p.layout != torch.strided for p in self.params)
         self._plans: dict[tuple, _Plan] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._last_weight_norm = np.full(len(self.layers), math.nan)
@@ -335,8 +348,11 @@ class GradientCollector:
         pending = snap is not None and snap.wsq is not None  # a snapshot taken on the previous collected step
         if slow or pending:
             # weights, in the slot order of the parameters' own plan (same positions as the gradients)
-            params = [_local(self.params[i]) for i in positions]  # under no_grad: no detach op per parameter
-            params = [w if w.layout == torch.strided and not w.is_complex() else _as_real_dense(w) for w in params]
+            if positions is self._all_positions and self._plain_weights:
+                params = self.params  # under no_grad: no detach op per parameter
+            else:
+                params = [_local(self.params[i]) for i in positions]
+                params = [w if w.layout == torch.strided and not w.is_complex() else _as_real_dense(w) for w in params]
             wkey, wplan = self._plan("weight", device, positions, params, acc, False)
             diff = pending and snap.key == wkey
             keep = slow and self.track_updates
@@ -424,6 +440,17 @@ class GradientCollector:
 
         return (cat(d_parts) if diff else None), (cat(w_parts) if norm else None)
 
+    def _uniform(self, grads: list[torch.Tensor | None]) -> tuple[torch.device, torch.dtype] | None:
+        """``(device, dtype)`` when every parameter has a plain dense gradient of one real dtype on
+        one device (checked by C loops: types, then torch's own grouping); else ``None``."""
+        if not grads or self._maybe_sparse or set(map(type, grads)) != _PLAIN:
+            return None
+        groups = _GROUP([grads], False)
+        if len(groups) != 1:
+            return None
+        ((device, dtype),) = groups
+        return (device, dtype) if dtype in _REAL_DTYPES else None
+
     def compute_on_device(self, slow: bool) -> list[tuple[torch.device, torch.Tensor, list[int]]]:
         """Launch the statistics; returns per device the (rows, layers) tensor, not yet copied.
 
@@ -434,7 +461,11 @@ class GradientCollector:
         self._had_snapshot = False
         by_device: dict[torch.device, tuple[list[int], list[torch.Tensor], list[bool]]] = {}
         with torch.no_grad():
-            for i, p in enumerate(self.params):
+            grads = list(map(_GRAD, self.params))
+            uniform = self._uniform(grads)
+            if uniform is not None:  # the common case, without a Python loop over the parameters
+                by_device[uniform[0]] = (self._all_positions, grads, [False, uniform[1] == torch.float64])
+            for i, p in enumerate(self.params if uniform is None else ()):
                 g = p.grad
                 if g is None:
                     continue
