@@ -22,6 +22,7 @@ Examples::
     python benchmarks/overhead.py --device cuda --out gpu.json   # + the sync check (gpu_check.py)
     python benchmarks/overhead.py --scale             # cost vs number of layers / parameters
     python benchmarks/overhead.py --ops               # op-level timing of the statistics alone
+    python benchmarks/overhead.py --hooks             # post-accumulate-grad hooks vs after backward
 
 Synchronisation with the device happens only at measurement boundaries (before and after each
 timed step), never inside a variant.
@@ -557,6 +558,50 @@ def op_timing(device: torch.device, key: str = "mlp", reps: int = 40) -> list[di
     return rows
 
 
+def hook_timing(device: torch.device, rounds: int = 40) -> list[dict[str, Any]]:
+    """Per-parameter sums of squares in ``register_post_accumulate_grad_hook`` (the gradient still in
+    cache; on accelerators overlapping the rest of backward) against one pass after backward, both
+    over a plain backward of the deep MLP, interleaved, on separate copies of the model."""
+    torch.manual_seed(0)
+    base = deep_mlp().to(device)
+    models = [copy.deepcopy(base) for _ in range(3)]
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(128, 512, generator=g).to(device) for _ in range(2))
+    after_params = list(models[1].parameters())
+    hooked = list(models[2].parameters())
+    out = torch.zeros(len(hooked), device=device)
+    for i, p in enumerate(hooked):
+        def h(t: torch.Tensor, i: int = i) -> None:
+            v = t.grad.view(-1)
+            out[i] = torch.vdot(v, v)
+
+        p.register_post_accumulate_grad_hook(h)
+
+    def backward(m: nn.Module) -> None:
+        m.zero_grad(set_to_none=True)
+        F.mse_loss(m(x), y).backward()
+
+    def after() -> None:
+        backward(models[1])
+        torch.stack([torch.vdot(p.grad.view(-1), p.grad.view(-1)) for p in after_params])
+
+    cases = {"plain backward": lambda: backward(models[0]), "after-backward pass (sums of squares)": after,
+             "post-accumulate-grad hooks (sums of squares)": lambda: backward(models[2])}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    items = list(cases.items())
+    for k in range(rounds + 2):
+        for name, fn in items[k % 3:] + items[:k % 3]:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if k >= 2:
+                times[name].append(time.perf_counter() - t0)
+    plain = times["plain backward"]
+    return [{"case": k, "median_ms": statistics.median(v) * 1e3, "mean_ms": statistics.fmean(v) * 1e3,
+             "added_mean_ms": (statistics.fmean(v) - statistics.fmean(plain)) * 1e3} for k, v in times.items()]
+
+
 # -- scale -----------------------------------------------------------------------------------------
 
 
@@ -698,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory phase")
     p.add_argument("--scale", action="store_true", help="sweep layer and parameter counts instead")
     p.add_argument("--ops", action="store_true", help="op-level timing of the statistics alone instead")
+    p.add_argument("--hooks", action="store_true",
+                   help="post-accumulate-grad hooks vs an after-backward pass (deep MLP) instead")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop each model's timing phase after this long (default: 240 s MLP, 90 s CNN/transformer)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -719,6 +766,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"  {r['op']:<48} median {r['median_ms']:8.3f} ms   IQR {r['q25_ms']:.3f}..{r['q75_ms']:.3f} ms")
             result["ops"][key] = rows
+    elif args.hooks:
+        result["hooks"] = hook_timing(device, rounds=args.rounds or 40)
+        print(f"\nper-parameter sums of squares on the deep MLP ({device}, interleaved rounds):")
+        for r in result["hooks"]:
+            print(f"  {r['case']:<46} median {r['median_ms']:8.2f} ms  mean {r['mean_ms']:8.2f} ms  "
+                  f"added (means) {r['added_mean_ms']:+.2f} ms")
     elif args.scale:
         result["scale"] = scale_sweep(device, args.quick)
     else:
