@@ -6,7 +6,11 @@
 - forward hooks exist only during the forward pass of a step that samples activations;
 - the statistics are batched: their number of torch ops does not grow with the number of
   (equally shaped) layers;
-- a step's work does not grow with the length of the history.
+- a step's work does not grow with the length of the history;
+- the accelerator hot path (forced on CPU tensors with ``hot_path="accelerator"``) never waits for
+  the device: no scalar read, blocking host copy, ``.cpu()``, ``.tolist()`` or ``bool()`` of a
+  tensor on any kind of step, one ``non_blocking`` copy each; its delayed values equal the host
+  path's and are never lost (close, exception).
 
 Timings live in ``benchmarks/overhead.py``.
 """
