@@ -39,6 +39,7 @@ one persistent copy of the weights (allocated on the first slow step, reused, fr
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from gradwatch.layers import LayerInfo
+from gradwatch.transfer import resolve_hot_path
 
 #: Per-layer gradient metrics, in the column order of the history's gradient table.
 GRAD_METRICS: tuple[str, ...] = (
@@ -84,6 +86,20 @@ class StepStats:
     #: a common step (every layer measured, all finite, no slow statistics): its recording may be batched
     fast: bool = False
 
+
+@dataclass(frozen=True)
+class Launched:
+    """A computed step, as :meth:`GradientCollector.finish` needs to know it when it runs later."""
+
+    had_snapshot: bool   # the update ratio was measured (a snapshot from the previous collected step)
+    all_present: bool    # every layer had a gradient, on one device
+    repairable: bool     # the step's gradients are still there (non-finite layers can be recounted)
+
+
+_PLAIN = {torch.Tensor}
+_GRAD = operator.attrgetter("grad")
+#: torch's C++ grouping of tensor lists by (device, dtype), as its foreach optimizers use it
+_GROUP = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
 
 #: gradient dtypes reduced as they are (anything else -- complex, integer -- goes through ``_as_real_dense``)
 _REAL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
@@ -176,12 +192,23 @@ class GradientCollector:
             next collected step.
     """
 
-    def __init__(self, layers: Sequence[LayerInfo], track_updates: bool = True):
+    def __init__(self, layers: Sequence[LayerInfo], track_updates: bool = True, hot_path: str = "auto"):
+        resolve_hot_path(hot_path, torch.device("cpu"))  # validates the name
+        #: "auto" (by device), "host" or "accelerator" (``_foreach_*`` plans, float64 sums: nothing
+        #: on the host needs the gradients once the step is launched, see ``gradwatch.transfer``)
+        self.hot_path = hot_path
         self.layers = list(layers)
         self.params: list[torch.nn.Parameter] = [p for layer in self.layers for p in layer.params]
         owner = [i for i, layer in enumerate(self.layers) for _ in layer.params]
         self._owner = owner
         self._numel = [_local(p).numel() for p in self.params]  # local shard (reduced across ranks)
+        self._all_positions = list(range(len(self.params)))
+        #: the weights are read as they are (dense, real, not sharded): no per-parameter conversion
+        self._plain_weights = all(type(p) in (torch.nn.Parameter, torch.Tensor) and p.layout == torch.strided
+                                  and not p.is_complex() for p in self.params)
+        #: a module that can produce sparse gradients (``sparse=True`` embeddings): always the full check
+        self._maybe_sparse = _GROUP is None or any(getattr(layer.module, "sparse", False) is True for layer in self.layers) \
+            or any(p.layout != torch.strided for p in self.params)
         self._plans: dict[tuple, _Plan] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._last_weight_norm = np.full(len(self.layers), math.nan)
@@ -207,10 +234,14 @@ class GradientCollector:
         if plan is None:
             if len(self._plans) > 64:
                 self._plans.clear()
-            batched = device.type == "cpu" and not odd
+            batched = device.type == "cpu" and not odd and not self.accelerator_path(device)
             plan = self._plans[key] = _Plan(tensors, positions, self._owner, self._numel, self.n_layers, device, acc,
                                             batched)
         return key, plan
+
+    def accelerator_path(self, device: torch.device) -> bool:
+        """Whether gradients on ``device`` take the accelerator path (delayed host copy)."""
+        return resolve_hot_path(self.hot_path, device) == "accelerator"
 
     def _scratch_for(self, device: torch.device) -> torch.Tensor:
         s = self._scratch.get(device)
@@ -317,8 +348,11 @@ class GradientCollector:
         pending = snap is not None and snap.wsq is not None  # a snapshot taken on the previous collected step
         if slow or pending:
             # weights, in the slot order of the parameters' own plan (same positions as the gradients)
-            params = [_local(self.params[i]) for i in positions]  # under no_grad: no detach op per parameter
-            params = [w if w.layout == torch.strided and not w.is_complex() else _as_real_dense(w) for w in params]
+            if positions is self._all_positions and self._plain_weights:
+                params = self.params  # under no_grad: no detach op per parameter
+            else:
+                params = [_local(self.params[i]) for i in positions]
+                params = [w if w.layout == torch.strided and not w.is_complex() else _as_real_dense(w) for w in params]
             wkey, wplan = self._plan("weight", device, positions, params, acc, False)
             diff = pending and snap.key == wkey
             keep = slow and self.track_updates
@@ -406,6 +440,17 @@ class GradientCollector:
 
         return (cat(d_parts) if diff else None), (cat(w_parts) if norm else None)
 
+    def _uniform(self, grads: list[torch.Tensor | None]) -> tuple[torch.device, torch.dtype] | None:
+        """``(device, dtype)`` when every parameter has a plain dense gradient of one real dtype on
+        one device (checked by C loops: types, then torch's own grouping); else ``None``."""
+        if not grads or self._maybe_sparse or set(map(type, grads)) != _PLAIN:
+            return None
+        groups = _GROUP([grads], False)
+        if len(groups) != 1:
+            return None
+        ((device, dtype),) = groups
+        return (device, dtype) if dtype in _REAL_DTYPES else None
+
     def compute_on_device(self, slow: bool) -> list[tuple[torch.device, torch.Tensor, list[int]]]:
         """Launch the statistics; returns per device the (rows, layers) tensor, not yet copied.
 
@@ -416,7 +461,11 @@ class GradientCollector:
         self._had_snapshot = False
         by_device: dict[torch.device, tuple[list[int], list[torch.Tensor], list[bool]]] = {}
         with torch.no_grad():
-            for i, p in enumerate(self.params):
+            grads = list(map(_GRAD, self.params))
+            uniform = self._uniform(grads)
+            if uniform is not None:  # the common case, without a Python loop over the parameters
+                by_device[uniform[0]] = (self._all_positions, grads, [False, uniform[1] == torch.float64])
+            for i, p in enumerate(self.params if uniform is None else ()):
                 g = p.grad
                 if g is None:
                     continue
@@ -434,8 +483,11 @@ class GradientCollector:
                     entry[2][1] = True
             if self._snapshot is not None and not self.track_updates:
                 self._snapshot = None
+            # the accelerator path sums in float64: a float32 sum of squares can underflow, and its
+            # repair needs the gradients, gone by the time a delayed copy is read
             partials = [
-                (device, self._device_rows(device, positions, grads, slow, flag[0], flag[1]), positions)
+                (device, self._device_rows(device, positions, grads, slow, flag[0],
+                                           flag[1] or self.accelerator_path(device)), positions)
                 for device, (positions, grads, flag) in by_device.items()
             ]
             self._all_present = len(by_device) == 1 and self._plan_all_present
@@ -444,14 +496,26 @@ class GradientCollector:
                     snap.wsq = None  # no gradients there this step: the snapshot is stale
         return partials
 
+    def launched(self) -> Launched:
+        """What :meth:`finish` needs to know about the step just computed, if it runs later."""
+        return Launched(self._had_snapshot, self._all_present, repairable=False)
+
     # -- host side -----------------------------------------------------------------------------
     def finish(
-        self, partials: list[tuple[torch.device, torch.Tensor, list[int]]], host: list[torch.Tensor], slow: bool
+        self, partials: object, host: list[torch.Tensor], slow: bool, launched: Launched | None = None
     ) -> StepStats:
-        """Combine per-device host copies into per-layer metrics (float64)."""
+        """Combine per-device host copies into per-layer metrics (float64).
+
+        ``launched`` (from :meth:`launched`) describes a step computed earlier whose gradients may
+        be gone (a delayed copy): a layer whose sums are non-finite is then recorded with a
+        ``nonfinite`` count of 1 (at least one non-finite element; counting needs the gradients)
+        and its finite statistics as not measured. Without it, the step just computed.
+        ``partials`` is unused (kept for callers of the former signature).
+        """
         n = self.n_layers
-        if len(host) == 1 and not slow and not self._had_snapshot:
-            fast = self._finish_fast(host[0])
+        state = launched or Launched(self._had_snapshot, self._all_present, repairable=True)
+        if len(host) == 1 and not slow and not state.had_snapshot:
+            fast = self._finish_fast(host[0], state.all_present)
             if fast is not None:
                 return fast
         if len(host) == 1:
@@ -480,8 +544,14 @@ class GradientCollector:
             nonzero = (mx > 0) if slow else ((sumsq > 0) | (self._last_max > 0))
             tiny = np.flatnonzero(present & nonzero & (sumsq < _TINY_SUMSQ)).tolist()
             bad = sorted(set(bad).union(tiny)) if tiny else bad
-        if bad:
+        unmeasured: list[int] = []
+        if bad and state.repairable:
             self._repair(rows, nonfinite, bad, slow)
+        elif bad:  # a delayed step: its gradients are gone (a float32 tiny sum stays as it is)
+            unmeasured = np.flatnonzero(present & ~np.isfinite(sumsq + mx + (rows[_L1] if slow else 0.0))).tolist()
+            nonfinite[unmeasured] = 1.0
+            rows[_SUMSQ, unmeasured] = 0.0  # kept out of the total norm; recorded as NaN below
+            mx[unmeasured] = math.inf  # unknown (not "no gradient") for the next steps' zero test
         if slow:
             self._last_max = mx if everywhere else np.where(present, mx, self._last_max)
         values = np.full((n, len(GRAD_METRICS)), np.nan)
@@ -497,7 +567,7 @@ class GradientCollector:
                 wnorm = np.sqrt(rows[_WSUMSQ])
                 self._last_weight_norm = wnorm if everywhere else np.where(present, wnorm, self._last_weight_norm)
                 values[:, G["weight_norm"]] = wnorm
-            if self._had_snapshot:
+            if state.had_snapshot:
                 snap = rows[_SNAPSQ]
                 values[:, G["update_ratio"]] = np.sqrt(rows[_DSQ] / snap)  # 0/0 -> NaN
                 values[snap <= 0, G["update_ratio"]] = np.nan
@@ -506,18 +576,22 @@ class GradientCollector:
             values[~(w > 0), G["grad_to_weight"]] = np.nan
         if not everywhere:
             values[~present] = np.nan  # no gradient: not measured (update_ratio is NaN there anyway)
+        if unmeasured:
+            keep = values[unmeasured, G["nonfinite"]]
+            values[unmeasured] = np.nan
+            values[unmeasured, G["nonfinite"]] = keep
         total = float(np.sqrt(sumsq[present].sum() if not everywhere else sumsq.sum())) if present.any() else math.nan
         return StepStats(values=torch.from_numpy(values), total_norm=total,
                          nonfinite_layers=np.flatnonzero(nonfinite).tolist() if bad else [])
 
-    def _finish_fast(self, host: torch.Tensor) -> StepStats | None:
+    def _finish_fast(self, host: torch.Tensor, all_present: bool) -> StepStats | None:
         """:meth:`finish` for the common step: one device, not a slow step, every layer with a
         gradient, every sum of squares finite and large enough to be exact. ``None`` otherwise."""
-        if host.dtype != torch.float32 or not self._all_present:
+        if host.dtype not in (torch.float32, torch.float64) or not all_present:
             return None
         sumsq32 = host.numpy()[_SUMSQ]
         total_sq = float(sumsq32.sum(dtype=np.float64))
-        if not math.isfinite(total_sq) or float(sumsq32.min()) < _TINY_SUMSQ:
+        if not math.isfinite(total_sq) or (host.dtype == torch.float32 and float(sumsq32.min()) < _TINY_SUMSQ):
             return None
         w = self._last_weight_norm
         cache = self._fast_cache

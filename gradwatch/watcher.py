@@ -7,6 +7,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS, ActivationSampler
-from gradwatch.collect import GRAD_METRICS, GradientCollector, PeerWatcherFailed, StepStats
+from gradwatch.collect import GRAD_METRICS, GradientCollector, Launched, PeerWatcherFailed, StepStats
 from gradwatch.diagnose import diagnose as run_diagnosis
 from gradwatch.findings import Diagnosis
 from gradwatch.history import ActivationMeta, History, LayerMeta
@@ -32,6 +33,7 @@ from gradwatch.layers import (
 )
 from gradwatch.sinks import Sink, StepRecord
 from gradwatch.thresholds import Thresholds
+from gradwatch.transfer import HOT_PATHS, HostTransfer
 
 log = logging.getLogger("gradwatch")
 
@@ -72,6 +74,27 @@ def _register_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable[..., Non
             "does. Pass the underlying torch optimizer, or pass hook_optimizer=False and call watcher.step() "
             "after backward and before optimizer.step() yourself."
         ) from None
+
+
+@dataclass
+class _Launch:
+    """A collected step whose host copy was launched: what recording it needs besides the copy."""
+
+    step: int
+    slow: bool
+    layouts: list[tuple[tuple[int, ...], torch.dtype]]  # per device: the statistic rows' shape and dtype
+    sample: int            # elements of the activation sample after the rows (0: none)
+    loss: float | None     # None: the loss is the copy's last element
+    state: Launched | None  # the collector's state at launch (delayed copies), None: read at once
+    keep_out: bool         # a histogram step: recorded on its own, not batched
+    diagnosing: bool       # diagnose once recorded
+
+
+def _moved(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device`` (another accelerator's: a copy that does not wait) in ``dtype``."""
+    if t.device != device:
+        t = t.to(device, non_blocking=True)
+    return t.to(dtype)
 
 
 def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
@@ -134,6 +157,13 @@ class GradWatcher:
         scaler: the run's ``torch.amp.GradScaler`` (fp16 mixed precision): its loss scale is recorded
             on slow-stat steps (``get_scale()`` is one host read) for the ``underflow`` finding, and
             non-finite steps are read as the overflow-skipped steps they are.
+        hot_path: ``"auto"`` (default), ``"host"`` or ``"accelerator"``. The accelerator path
+            (chosen by ``"auto"`` for gradients not on the CPU) never waits for the device on a
+            collected step: its statistics reach :attr:`history` and the sinks once their copy to
+            the host has completed (checked at the next step; reading :attr:`history`,
+            :meth:`diagnose` or :meth:`close` waits for them), and a layer with non-finite
+            gradients is recorded with ``nonfinite`` = 1 (at least one; counting needs the
+            gradients, gone by then). ``"accelerator"`` on CPU tensors runs that same path.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` / ``optimizer`` not a ``torch.optim.Optimizer``.
@@ -167,6 +197,7 @@ class GradWatcher:
         name: str | None = None,
         sinks: Iterable[Sink] = (),
         scaler: Any = None,
+        hot_path: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradwatch.watch expects a torch.nn.Module, got {type(model).__name__}")
@@ -195,6 +226,11 @@ class GradWatcher:
         self.on_error = on_error
         self.auto_fix = self._normalise_auto_fix(auto_fix)
         self.optimizer = optimizer
+        if hot_path not in HOT_PATHS:
+            raise ValueError(f"hot_path must be one of {HOT_PATHS}, got {hot_path!r}")
+        self.hot_path = hot_path
+        #: host copies of launched steps not recorded yet (delayed on the accelerator path)
+        self._transfer = HostTransfer(delayed=False)
         self._history = History(capacity=history_capacity)
         #: common steps whose recording (history, sinks) is batched: (step, statistics, loss)
         self._deferred: list[tuple[int, StepStats, float]] = []
@@ -293,12 +329,12 @@ class GradWatcher:
         return names
 
     def _set_layers(self, layers: list[LayerInfo]) -> None:
-        if getattr(self, "_deferred", None):
-            self._flush_deferred()  # recorded under the layers they were measured with
+        if getattr(self, "_deferred", None) or getattr(self, "_transfer", None):
+            self._drain()  # recorded under the layers they were measured with
         order = self._recorder.order if self._recorder is not None and self._recorder.done else self.structure.get("order")
         self.layers = depth_order(layers, order)
         self._param_key = tuple(id(p) for layer in self.layers for p in layer.params)
-        self.collector = GradientCollector(self.layers, track_updates=self._track_updates)
+        self.collector = GradientCollector(self.layers, track_updates=self._track_updates, hot_path=self.hot_path)
         meta = [
             LayerMeta(type_name=layer.type_name, depth=i, fan_in=layer.fan_in, numel=layer.numel,
                       recurrent=isinstance(layer.module, nn.RNNBase))
@@ -403,6 +439,7 @@ class GradWatcher:
         if slow and self._params_maybe_changed() and self._params_changed():
             log.info("gradwatch: the parameters of %s changed since watch(); re-discovering layers", self.name)
             self._set_layers(discover_layers(self.model))
+        self._transfer.consume(self._consume)  # earlier delayed steps whose copies are complete (no waiting)
         partials = self.collector.compute_on_device(slow)
         if self.row_reducer is not None:
             self._reduced = True  # (a reducer that raises has taken part in the collective)
@@ -417,49 +454,77 @@ class GradWatcher:
         sample = None
         if self._sampler is not None and self._sampler.captured:
             sample = self._sampler.gather(partials[0][0])
-        # one host copy (per device): gradient rows + activation sample + loss
-        host: list[torch.Tensor] = []
-        sizes = None
-        for k, (device, rows, _) in enumerate(partials):
-            parts = [rows.reshape(-1)]
-            if k == 0:
-                if sample is not None:
-                    parts.append(sample)
-                if isinstance(loss, torch.Tensor):
-                    parts.append(loss.detach().reshape(-1)[:1].to(device=device, dtype=rows.dtype))
-                sizes = (rows.numel(), 0 if sample is None else sample.numel(), int(isinstance(loss, torch.Tensor)))
-            host.append((torch.cat(parts) if len(parts) > 1 else parts[0]).cpu())
-        first = host[0]
-        n_rows = sizes[0]
-        grad_host = [first[:n_rows].reshape(partials[0][1].shape)] + [h.reshape(p[1].shape) for h, p in zip(host[1:], partials[1:], strict=True)]
-        stats = self.collector.finish(partials, grad_host, slow)
-        # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
-        loss_value = float(first.numpy()[n_rows + sizes[1]]) if sizes[2] else (float(loss) if isinstance(loss, int | float) else math.nan)
+        # one host copy: gradient rows (every device's, gathered on the first) + activation sample + loss
+        device, rows0 = partials[0][0], partials[0][1]
+        wide = torch.float64 if any(rows.dtype == torch.float64 for _, rows, _ in partials) else rows0.dtype
+        parts = [_moved(rows.reshape(-1), device, wide) for _, rows, _ in partials]
+        if sample is not None:
+            parts.append(sample.to(wide))
+        has_loss = isinstance(loss, torch.Tensor)
+        if has_loss:
+            parts.append(_moved(loss.detach().reshape(-1)[:1], device, wide))
         # histogram rounds only where a sink can write them (they also keep steps out of batched recording)
         hist_round = bool(self.histogram_every_n_steps and self.sinks) and index % self.histogram_every_n_steps == 0
-        diagnosing = bool(self.diagnose_every_n_steps) and index and index % self.diagnose_every_n_steps == 0
-        if (stats.fast and not sizes[1] and not self._step_callbacks and not hist_round and not diagnosing
-                and not self._histograms_due):
-            # a common step: recorded with the next ones, in one batch (whole-array history appends)
-            self._deferred.append((step, stats, loss_value))
-            if len(self._deferred) >= _RECORD_BATCH:
-                self._flush_deferred()
-        else:
-            self._flush_deferred()
-            self._record(step, stats, loss_value, first[n_rows:n_rows + sizes[1]] if sizes[1] else None)
+        delayed = self._transfer.delayed
+        launch = _Launch(
+            step=step, slow=slow, layouts=[(tuple(rows.shape), rows.dtype) for _, rows, _ in partials],
+            sample=0 if sample is None else sample.numel(),
+            loss=None if has_loss else (float(loss) if isinstance(loss, int | float) else math.nan),
+            state=self.collector.launched() if delayed else None,
+            keep_out=hist_round or bool(self._histograms_due),
+            diagnosing=bool(self.diagnose_every_n_steps) and bool(index) and index % self.diagnose_every_n_steps == 0,
+        )
+        if self._transfer.delayed != self.collector.accelerator_path(device):
+            self._drain()  # the gradients moved between the CPU and an accelerator
+            self._transfer = HostTransfer(delayed=not self._transfer.delayed)
+            delayed = self._transfer.delayed
+            launch.state = self.collector.launched() if delayed else None
+        self._transfer.launch(torch.cat(parts) if len(parts) > 1 else parts[0], launch)
+        if not delayed:
+            self._transfer.consume(self._record_launched)
         if hist_round and not self._histograms_due:
             self._histograms_due = list(self.layers)  # a new round (an unfinished one is finished first)
             self._histogram_round_size = sum(layer.numel for layer in self.layers)
         if self._histograms_due:
             layers = self._next_histogram_layers()
             if layers:
+                if delayed:  # the earlier steps' scalars first (the histograms copy to the host anyway)
+                    self._transfer.consume(self._consume, wait=True)
                 for sink in self.sinks:
                     sink.write_histograms(step, layers)
-        for cb in list(self._step_callbacks):
-            cb(self, step)
-        if diagnosing:
-            self._diagnose_and_publish(step)
+        if not delayed:
+            self._after_record(launch)
         self._after_step(index)
+
+    def _consume(self, host: torch.Tensor, launch: _Launch) -> None:
+        """Record a launched step from its host copy, then run what follows a recorded step."""
+        self._record_launched(host, launch)
+        self._after_record(launch)
+
+    def _record_launched(self, host: torch.Tensor, launch: _Launch) -> None:
+        grad_host, offset = [], 0
+        for shape, dtype in launch.layouts:
+            n = math.prod(shape)
+            grad_host.append(host[offset:offset + n].reshape(shape).to(dtype))
+            offset += n
+        stats = self.collector.finish(None, grad_host, launch.slow, launch.state)
+        # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
+        loss_value = float(host.numpy()[offset + launch.sample]) if launch.loss is None else launch.loss
+        if stats.fast and not launch.sample and not self._step_callbacks and not launch.keep_out and not launch.diagnosing:
+            # a common step: recorded with the next ones, in one batch (whole-array history appends)
+            self._deferred.append((launch.step, stats, loss_value))
+            if len(self._deferred) >= _RECORD_BATCH:
+                self._flush_deferred()
+        else:
+            self._flush_deferred()
+            sample = host[offset:offset + launch.sample].clone() if launch.sample else None
+            self._record(launch.step, stats, loss_value, sample)
+
+    def _after_record(self, launch: _Launch) -> None:
+        for cb in list(self._step_callbacks):
+            cb(self, launch.step)
+        if launch.diagnosing:
+            self._diagnose_and_publish(launch.step)
 
     def _next_histogram_layers(self) -> list[LayerInfo]:
         """The layers of the histogram round binned on this step: in depth order, up to
@@ -496,19 +561,25 @@ class GradWatcher:
 
     @property
     def history(self) -> History:
-        """Everything recorded so far (common steps recorded in batches are flushed into it first)."""
-        if self._deferred:
+        """Everything recorded so far (delayed copies are waited for and batched steps recorded first)."""
+        if self._deferred or self._transfer:
             try:
-                self._flush_deferred()
+                self._drain()
             except Exception as exc:
                 self._fail(exc)
         return self._history
 
     def record_pending(self) -> None:
-        """Record the steps still batched (history and sinks) now; reading :attr:`history`,
-        :meth:`diagnose` or :meth:`close` does it anyway. Sinks call it at interpreter exit."""
-        if self._deferred and not self.closed:
-            self._flush_deferred()
+        """Record the steps still in flight or batched (history and sinks) now; reading
+        :attr:`history`, :meth:`diagnose` or :meth:`close` does it anyway. Sinks call it at
+        interpreter exit."""
+        if (self._deferred or self._transfer) and not self.closed:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Wait for the launched copies, record them, then the batched steps."""
+        self._transfer.consume(self._consume, wait=True)
+        self._flush_deferred()
 
     def _flush_deferred(self) -> None:
         """Record the batched common steps: one whole-array history append, then the sinks."""
@@ -530,12 +601,12 @@ class GradWatcher:
 
     def _record(self, step: int, stats: StepStats, loss: float, sample: torch.Tensor | None) -> None:
         values = stats.values.numpy()
-        self.history.append_step(step, self._columns, values, stats.total_norm, loss)
+        self._history.append_step(step, self._columns, values, stats.total_norm, loss)
         act_values = signal = None
         if sample is not None and self._sampler is not None:
             act_t, sig_t = self._sampler.split(sample.to(torch.float64))
             act_values, signal = act_t.numpy(), sig_t.numpy()
-            self.history.append_sample(step, self._act_columns, act_values, self._columns, signal)
+            self._history.append_sample(step, self._act_columns, act_values, self._columns, signal)
         if self.sinks:
             layer_names, act_names = self._record_names()
             record = StepRecord(
@@ -600,7 +671,7 @@ class GradWatcher:
     # -- results -------------------------------------------------------------------------------
     def set_scalar(self, name: str, value: float) -> None:
         """Attach an extra scalar (e.g. a clipping threshold) to the following step records."""
-        self._flush_deferred()  # earlier steps keep the value they had
+        self._drain()  # earlier steps keep the value they had
         self._extra_scalars[name] = float(value)
 
     def relayer(self) -> None:
@@ -637,8 +708,8 @@ class GradWatcher:
         Lightning callback and ``watch(scaler=...)`` call it. A scale means fp16 loss scaling is on."""
         if self.closed:
             return
-        self.history.context["amp_loss_scaling"] = True
-        self.history.record_loss_scale(self.calls if step is None else int(step), float(scale))
+        self._history.context["amp_loss_scaling"] = True  # no drain: a scale needs no statistics
+        self._history.record_loss_scale(self.calls if step is None else int(step), float(scale))
 
     def note_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
         """Tell the diagnosis which optimizer(s) update the model, without hooking them (the caller
@@ -651,8 +722,14 @@ class GradWatcher:
 
     def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
         """Diagnose the most recent ``thresholds.window`` collected steps."""
+        self.history  # noqa: B018 - waits for delayed copies, records batched steps
+        return self._diagnose(thresholds)
+
+    def _diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
+        """:meth:`diagnose` of what is recorded (steps in flight are not waited for: no device sync)."""
+        self._flush_deferred()
         th = thresholds or self.thresholds
-        view = self.history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
+        view = self._history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
                                  active_only=True, lookback=th.spike_lookback)
         diag = run_diagnosis(view, th, structure=self.structure)
         return self._with_code(diag)
@@ -673,7 +750,7 @@ class GradWatcher:
             return diag
 
     def _diagnose_and_publish(self, step: int) -> Diagnosis:
-        diag = self.diagnose()
+        diag = self._diagnose()
         self._last_diagnosis = diag
         sig = diag.signature()
         if sig != self._last_signature:
@@ -705,6 +782,10 @@ class GradWatcher:
         """Remove every hook, write the final diagnosis and figure, flush and close the sinks. Idempotent."""
         if self.closed:
             return
+        try:
+            self._drain()  # steps in flight are recorded (and their callbacks run) while still attached
+        except Exception as exc:
+            log.error("gradwatch: recording the last steps failed: %s", exc)
         self._detach()
         try:
             if self.sinks and self.history.total_steps:

@@ -31,9 +31,9 @@ def brute_force(layer_params: list[torch.Tensor]) -> dict[str, float]:
     }
 
 
-def collect(model: nn.Module, slow: bool = True) -> tuple[list[str], torch.Tensor]:
+def collect(model: nn.Module, slow: bool = True, hot_path: str = "auto") -> tuple[list[str], torch.Tensor]:
     layers = discover_layers(model)
-    c = GradientCollector(layers)
+    c = GradientCollector(layers, hot_path=hot_path)
     partials = c.compute_on_device(slow=slow)
     stats = c.finish(partials, [rows.cpu() for _, rows, _ in partials], slow=slow)
     return [layer.name for layer in layers], stats.values
@@ -52,11 +52,12 @@ def fill_grads(model: nn.Module, seed: int = 0) -> None:
         p.grad = grad.to(p.dtype)
 
 
+@pytest.mark.parametrize("hot_path", ["host", "accelerator"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_statistics_match_float64_brute_force(dtype: torch.dtype) -> None:
+def test_statistics_match_float64_brute_force(dtype: torch.dtype, hot_path: str) -> None:
     model = make_model(dtype)
     fill_grads(model)
-    names, values = collect(model)
+    names, values = collect(model, hot_path=hot_path)
     rtol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
     for name, layer in zip(names, discover_layers(model), strict=True):
         ref = brute_force(layer.params)
@@ -201,3 +202,16 @@ def test_fast_steps_repair_tiny_gradients_but_not_known_zero_ones(monkeypatch: p
     assert fast[2, G["grad_norm"]] == 0.0  # ...as 0 until the next slow step (documented)
     slow = step(slow=True)
     assert repaired[-1] == [1, 2] and slow[2, G["grad_norm"]] == pytest.approx(4e-30, rel=1e-6)
+
+
+def test_gradients_of_mixed_dtypes_or_missing_ones_take_the_general_path() -> None:
+    # the common-case shortcut (one device, one dtype, every gradient present) must not change results
+    model = make_model()
+    model[3].double()  # mixed dtypes
+    fill_grads(model)
+    model[3].bias.grad = None  # a missing gradient
+    names, values = collect(model)
+    for name, layer in zip(names, discover_layers(model), strict=True):
+        ref = brute_force(layer.params)
+        for metric, expected in ref.items():
+            assert float(values[names.index(name)][G[metric]]) == pytest.approx(expected, rel=1e-5, abs=1e-30)

@@ -6,7 +6,11 @@
 - forward hooks exist only during the forward pass of a step that samples activations;
 - the statistics are batched: their number of torch ops does not grow with the number of
   (equally shaped) layers;
-- a step's work does not grow with the length of the history.
+- a step's work does not grow with the length of the history;
+- the accelerator hot path (forced on CPU tensors with ``hot_path="accelerator"``) never waits for
+  the device: no scalar read, blocking host copy, ``.cpu()``, ``.tolist()`` or ``bool()`` of a
+  tensor on any kind of step, one ``non_blocking`` copy each; its delayed values equal the host
+  path's and are never lost (close, exception).
 
 Timings live in ``benchmarks/overhead.py``.
 """
@@ -264,3 +268,130 @@ def test_step_cost_does_not_grow_with_history_length(tmp_path) -> None:
     assert late[0] == early[0]                  # identical torch work
     assert late[1] <= early[1] * 1.1 + 200      # Python calls: the same, up to history's block merges
     assert late[2] <= early[2] * 1.5 + 65536    # no buffer that grows with the run
+
+
+class _Syncs(TorchDispatchMode):
+    """What would wait for an accelerator: scalar reads (``item()``, ``float(t)``, ``bool(t)``),
+    copies to the host that are not ``non_blocking`` (``.cpu()``, ``.to("cpu")``), and the
+    ``non_blocking`` copies the accelerator path launches instead (counted apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+        self.async_copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs.append("scalar read")
+        elif func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            self.syncs.append("copy to the host")
+        elif func is torch.ops.aten.copy_.default and (kwargs.get("non_blocking") or (len(args) > 2 and args[2])):
+            self.async_copies += 1
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def count_syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Syncs]:
+    mode = _Syncs()
+
+    def counted(name: str) -> Callable:
+        original = getattr(torch.Tensor, name)
+
+        def method(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+            mode.syncs.append(f"Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        return method
+
+    # (on CPU these return without dispatching an op; on an accelerator each waits for the device)
+    with monkeypatch.context() as m:
+        for name in ("cpu", "tolist", "item", "__bool__"):
+            m.setattr(torch.Tensor, name, counted(name))
+        with mode:
+            yield mode
+
+
+@pytest.mark.parametrize("slow_stats_every_n", [1, 3])
+def test_the_accelerator_path_never_waits_for_the_device(monkeypatch: pytest.MonkeyPatch,
+                                                         slow_stats_every_n: int) -> None:
+    # the accelerator hot path forced on CPU tensors: every kind of step (slow statistics, the update
+    # ratio after one, activation samples, diagnoses) launches one non_blocking copy and reads
+    # nothing back from the device: the values of earlier steps are consumed from host memory
+    model = SmallResNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = image_batch()
+    watcher = gradwatch.watch(model, slow_stats_every_n=slow_stats_every_n, activation_every_n_steps=2,
+                              diagnose_every_n_steps=4, hot_path="accelerator", on_error="raise")
+    train_step(model, opt, x, y, watcher.step)  # first step: forward order, plans (host -> device only)
+    for step in range(1, 10):
+        with count_syncs(monkeypatch) as c:
+            train_step(model, opt, x, y, watcher.step)  # the loss tensor rides along in the same copy
+        assert c.syncs == [] and c.async_copies == 1, (step, c.syncs, c.async_copies)
+    assert watcher.collected == 10 and watcher.error is None
+    df = watcher.to_dataframe()  # waits for the last copies: every step is there
+    assert sorted(df.step.unique()) == list(range(10))
+    assert {"grad_norm", "grad_max_abs", "grad_mean_abs", "update_ratio", "act_rms", "out_grad_rms"} <= set(df.metric)
+    watcher.close()
+
+
+def test_the_host_path_is_told_apart_by_the_sync_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the counter above sees the host path's blocking copy: it would see one added to the accelerator path
+    model = SmallResNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = image_batch()
+    watcher = gradwatch.watch(model, hot_path="host", on_error="raise")
+    train_step(model, opt, x, y, watcher.step)
+    with count_syncs(monkeypatch) as c:
+        train_step(model, opt, x, y, watcher.step)
+    assert c.syncs == ["Tensor.cpu"] and c.async_copies == 0
+    watcher.close()
+
+
+def _train_pair(hot_path: str, steps: int, **kwargs: object) -> gradwatch.GradWatcher:
+    torch.manual_seed(0)
+    model = SmallResNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = image_batch()
+    watcher = gradwatch.watch(model, hot_path=hot_path, slow_stats_every_n=3, activation_every_n_steps=4,
+                              on_error="raise", **kwargs)
+    for _ in range(steps):
+        train_step(model, opt, x, y, watcher.step)
+    return watcher
+
+
+def test_the_accelerator_path_records_the_host_paths_statistics() -> None:
+    host, accel = _train_pair("host", 12), _train_pair("accelerator", 12)
+    a, b = host.to_dataframe(), accel.to_dataframe()
+    host.close()
+    accel.close()
+    assert len(a) == len(b) and len(a)
+    merged = a.merge(b, on=["step", "layer", "metric"], suffixes=("_host", "_accel"))
+    assert len(merged) == len(a)
+    assert merged.value_host.isna().equals(merged.value_accel.isna())
+    assert torch.allclose(torch.tensor(merged.value_host.fillna(0).to_numpy()),
+                          torch.tensor(merged.value_accel.fillna(0).to_numpy()), rtol=1e-4, atol=1e-12)
+
+
+def test_delayed_values_are_never_lost() -> None:
+    # at close, and when training raises: every launched step reaches the history and the sinks
+    seen: list[int] = []
+
+    class Steps(gradwatch.sinks.Sink):
+        def write_step(self, record: gradwatch.sinks.StepRecord) -> None:
+            seen.append(record.step)
+
+    watcher = _train_pair("accelerator", 15, sinks=[Steps()])
+    assert watcher.collected == 15
+    watcher.close()
+    assert seen == list(range(15)) and watcher.history.total_steps == 15
+    torch.manual_seed(0)
+    model = mlp(nn.ReLU, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    with pytest.raises(RuntimeError, match="boom"), gradwatch.watch(model, hot_path="accelerator") as w:
+        for step in range(10):
+            train_step(model, opt, x, y, w.step)
+            if step == 6:
+                raise RuntimeError("boom")
+    assert w.history.total_steps == 7

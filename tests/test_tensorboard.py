@@ -383,9 +383,10 @@ def test_a_closed_or_failing_writer_never_breaks_training(tmp_path: Path, caplog
     assert [e.step for e in accumulate(tmp_path / "broken").Scalars("grad_norm/total")] == [0, 1, 2]
 
 
-def test_training_that_raises_inside_the_watcher_context_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hot_path", ["host", "accelerator"])
+def test_training_that_raises_inside_the_watcher_context_loses_nothing(tmp_path: Path, hot_path: str) -> None:
     model = mlp(nn.ReLU, 3)
-    with pytest.raises(RuntimeError, match="boom"), gradwatch.watch(model, log_dir=tmp_path) as w:
+    with pytest.raises(RuntimeError, match="boom"), gradwatch.watch(model, log_dir=tmp_path, hot_path=hot_path) as w:
         def explode(step: int) -> None:
             if step == 7:
                 raise RuntimeError("boom")
@@ -402,13 +403,14 @@ def _python(script: str, cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_interpreter_exit_after_an_exception_flushes_without_close(tmp_path: Path) -> None:
-    proc = _python("""
+@pytest.mark.parametrize("hot_path", ["host", "accelerator"])
+def test_interpreter_exit_after_an_exception_flushes_without_close(tmp_path: Path, hot_path: str) -> None:
+    proc = _python(f"""
         import torch, gradwatch
         from torch import nn
         from gw_testing import mlp, train, vector_task
         model = mlp(nn.ReLU, 3)
-        w = gradwatch.watch(model, log_dir="run")   # never closed; default flush every 10 s
+        w = gradwatch.watch(model, log_dir="run", hot_path="{hot_path}")   # never closed; flush every 10 s
         train(model, vector_task(), 15, watcher=w)   # the last steps are still batched in the watcher
         raise SystemExit("training died")
     """, tmp_path)
