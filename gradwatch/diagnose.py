@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch import causes
 from gradwatch.findings import Diagnosis, Finding, LayerRow
 from gradwatch.history import HistoryView
 from gradwatch.thresholds import Thresholds
@@ -185,6 +186,9 @@ class _Context:
         self.gtw_median = _nanmedian(gtw, axis=0) if len(view.steps) else np.full(n, np.nan)
         self.signal_in = _nanmedian(view.signal[:, :, 1], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
         self.act_rms = _nanmedian(view.signal[:, :, 0], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
+        last_w = view.last_weight_norm if view.last_weight_norm is not None and len(view.last_weight_norm) == n else None
+        chain_w = np.where(np.isfinite(self.weight_norm), self.weight_norm, last_w) if last_w is not None else self.weight_norm
+        self.chain = causes.build_chain(view, chain_w)  # variance gains along depth (causes that compound)
 
     def hidden_saturating(self) -> list[str]:
         return [
@@ -215,7 +219,7 @@ def _fmt(x: float) -> str:
 def _reasons(kind: str, fixes: Sequence[str], **fmt: Any) -> tuple[str, ...]:
     out = []
     for f in fixes:
-        text = _FIX_REASONS.get((kind, f), "")
+        text = _FIX_REASONS.get((kind, f)) or causes.registered_reason(kind, f)
         try:
             out.append(text.format(**fmt))
         except (KeyError, ValueError):
@@ -301,6 +305,7 @@ def _vanishing(ctx: _Context) -> list[Finding]:
         sat = ctx.hidden_saturating()
         recurrent = [names[i] for i in flagged if ctx.types[i] in _RECURRENT]
         under = [names[i] for i in flagged if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.under_scaled_init * math.sqrt(0.5)]
+        compound = None if recurrent or under else causes.vanishing_cause(view, ctx.chain, decades)
         if recurrent:
             fixes: tuple[str, ...] = ("lstm_gru", "he_init")
             cause = f"recurrent layers {recurrent} multiply gradients by the same Jacobian at every time step"
@@ -308,6 +313,9 @@ def _vanishing(ctx: _Context) -> list[Finding]:
             # cause before symptom: tiny weights shrink the signal at every layer whatever the activation
             fixes = ("he_init", "insert_batchnorm", "residual")
             cause = f"weights of {under[:3]} are far below He/Xavier scale"
+        elif compound is not None:
+            # cause before symptom: modest per-layer deficits that compound along an un-normalised chain
+            fixes, cause = compound.fixes, compound.text
         elif sat:
             # normalisation first: it keeps the model's activations and learning-rate regime; a swap
             # to unbounded ReLUs under a learning rate tuned for sigmoids can diverge (measured on the
@@ -324,11 +332,17 @@ def _vanishing(ctx: _Context) -> list[Finding]:
         if under:
             evidence["fix_layers"] = [names[i] for i in matrix_cols
                                       if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.under_scaled_init * math.sqrt(0.5)]
+        elif compound is not None:
+            evidence["fix_layers"] = compound.fix_layers
+            evidence.update(compound.evidence)
         else:
             chain = [i for i in matrix_cols[:-1] if i >= flagged[0]]
             evidence["fix_layers"] = [names[i] for i in chain] or layer_names
         evidence["cause"] = cause
         severity = "critical" if decades >= th.vanishing_critical_decades else "warning"
+        learning = _loss_improvement(view)
+        if compound is not None and learning is not None and learning < th.learning_loss_drop:
+            severity = "critical"  # the compound decay blocks training: the loss has not moved
         what = "gradient relative to weights" if signal_used == "grad_to_weight" else "backward signal dL/d(output)"
         findings.append(Finding(
             kind="vanishing",
@@ -471,11 +485,17 @@ def _exploding(ctx: _Context) -> list[Finding]:
                                   if ctx.matrix[i] and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] >= th.over_scaled_init]
     scale_invariant = view.context.get("optimizer_scale_invariant")
     recurrent = [n for n, t in zip(names, ctx.types, strict=True) if t in _RECURRENT and n in layers]
+    compound = None if recurrent else causes.exploding_cause(view, ctx.chain, th)
     if recurrent:
-        # the classic case for clipping: the recurrence amplifies through time; re-initialising
-        # an RNN's weights is not a cure (he_init leaves recurrent layers alone)
-        fixes: tuple[str, ...] = ("clip_gradients", "lower_lr") if scale_invariant is not True else ("lower_lr", "clip_gradients")
+        # the recurrence amplifies through time: under SGD clipping bounds the updates (Pascanu et al.);
+        # under Adam-like optimizers clipping does nothing, the recurrent matrix is re-initialised
+        fixes: tuple[str, ...] = causes.recurrent_exploding_fixes(scale_invariant)
         cause = f"the recurrence in {recurrent} amplifies gradients through time"
+        evidence["fix_layers"] = recurrent
+    elif compound is not None and (compound.fixes[0] == "rescale_residual" or not over):
+        fixes, cause = compound.fixes, compound.text
+        evidence["fix_layers"] = compound.fix_layers
+        evidence.update(compound.evidence)
     elif over:
         fixes = ("he_init", "insert_batchnorm", "lower_lr")
         if scale_invariant is False:
@@ -652,6 +672,7 @@ def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure:
                 findings.extend(rule(ctx))
             except Exception as exc:  # a rule must never take the training run down
                 notes.append(f"rule {rule.__name__.strip('_')} failed on this history: {type(exc).__name__}: {exc}")
+        findings = causes.attribute_nonfinite(findings)
         findings.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
         rows = _rows(ctx, findings)
     except Exception as exc:

@@ -23,6 +23,8 @@ FIX_NAMES: tuple[str, ...] = (
     "swap_activation",
     "lstm_gru",
     "lower_lr",
+    "rescale_residual",
+    "recurrent_init",
 )
 
 

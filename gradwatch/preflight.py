@@ -134,7 +134,10 @@ def preflight(
     from gradwatch.fixes import apply_fixes
 
     if fix is True:
-        allowed: tuple[str, ...] = PREFLIGHT_FIXES
+        from gradwatch.fixes.registry import get_fix_class, list_fixes
+
+        allowed: tuple[str, ...] = PREFLIGHT_FIXES + tuple(
+            n for n in list_fixes() if n not in PREFLIGHT_FIXES and get_fix_class(n).preflight)
     elif fix is False:
         allowed = ()
     else:

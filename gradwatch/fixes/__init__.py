@@ -16,6 +16,10 @@ swap_activation     Sigmoid/Tanh -> ReLU family (LeakyReLU for dead units)      
 lstm_gru            ``nn.RNN`` -> ``nn.GRU`` / RNN-compatible LSTM, with the    structural
                     state-keeping gate biased to keep
 lower_lr            recommend a smaller learning rate                           advice
+rescale_residual    zero (or scale) the last layer of each measured residual    in place
+                    branch (SkipInit / Fixup)
+recurrent_init      orthogonal ``W_hh`` for ``nn.RNN`` layers whose spectral    in place
+                    radius is above 1
 ==================  ==========================================================  ===========
 
 The entry points: :func:`apply_fixes` (policy and record), :func:`replay` (rebuild a fixed
@@ -46,6 +50,8 @@ from gradwatch.fixes import (  # noqa: F401  (importing a fix module registers i
     insert_batchnorm,
     lower_lr,
     lstm_gru,
+    recurrent_init,
+    rescale_residual,
     residual,
     swap_activation,
 )

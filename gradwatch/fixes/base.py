@@ -166,6 +166,9 @@ class Fix(ABC):
     kinds: ClassVar[tuple[str, ...]] = ()
     #: Why the fix helps, per finding kind (for the record when the finding gives no reason).
     why: ClassVar[dict[str, str]] = {}
+    #: Whether :func:`gradwatch.preflight` applies it by default (it changes the model itself, best
+    #: before training). Fixes listed in ``gradwatch.preflight.PREFLIGHT_FIXES`` are applied too.
+    preflight: ClassVar[bool] = False
 
     def options(self) -> dict[str, Any]:
         """The fix's options, as plain data (for the record)."""
