@@ -50,6 +50,10 @@ ACTIVATION_MEAN_SQUARE: dict[str, float | None] = {
 #: (a few percent), below the ``1 + stream/branch`` of any residual addition whose branch is not
 #: far larger than the stream it joins.
 RESIDUAL_JUNCTION_RATIO = 1.25
+#: Adding ``n`` uncorrelated branches of comparable size to a stream grows its RMS by ``sqrt(n + 1)``
+#: (a pre-LN transformer's residual stream, a ResNet whose branches end in BatchNorm): healthy. A
+#: stream growing this many decades beyond that multiplies, block after block.
+ADDITIVE_MARGIN_DECADES = 1.0
 #: A link (a layer and the activation it feeds) whose variance gain is below this is part of a
 #: compound decay (above ``1 / this``: of a compound growth); He scale gives 1.
 LINK_TOLERANCE = 0.9
@@ -247,7 +251,7 @@ def residual_growth(view: HistoryView, chain: Chain, th: Thresholds) -> Residual
     logs = np.log10(rms[valid])
     q = max(1, len(valid) // 4)
     growth = float(np.median(logs[-q:]) - np.median(logs[:q]))
-    if growth < th.forward_growth_decades:
+    if growth < 1.0:
         return None
     # junctions grouped by their place in the repeating block ("3.fc2 -> 4.fc1" is "#.fc2 -> #.fc1"):
     # one junction's ratio is noisy (a deep signal spans few directions), the median over the blocks is not
@@ -270,6 +274,8 @@ def residual_growth(view: HistoryView, chain: Chain, th: Thresholds) -> Residual
     junction = 0.5 * float(np.sum(np.log10(ratios))) if ratios else 0.0
     if len(last) < max(2, th.min_depth_layers) or junction < 0.25 * growth:
         return None  # a few noisy junctions in a growth the weights make are not the cause
+    if growth < 0.5 * math.log10(len(last) + 1) + ADDITIVE_MARGIN_DECADES:
+        return None  # the variance adds up block by block (normalised branches): healthy
     return ResidualGrowth(branch_last_layers=last, growth_decades=growth, junction_decades=junction,
                           mean_junction_ratio=float(10 ** np.mean(np.log10(ratios))))
 
@@ -291,10 +297,11 @@ class Cause:
     evidence: dict[str, Any]
 
 
-def vanishing_cause(view: HistoryView, chain: Chain, decades: float) -> Cause | None:
-    """Compound under-initialisation, when the weights' compound decay explains at least half of the
-    measured ``decades`` of vanishing (and one decade at least): re-initialising comes first."""
-    found = compound_init(view, chain, max(1.0, 0.5 * decades), sign=1.0)
+def vanishing_cause(view: HistoryView, chain: Chain, needed_decades: float) -> Cause | None:
+    """Compound under-initialisation predicting at least ``needed_decades`` of decay (half a measured
+    vanishing, so that it explains most of it; or the whole threshold where the measured decay
+    falls short of it): re-initialising comes first."""
+    found = compound_init(view, chain, needed_decades, sign=1.0)
     if found is None:
         return None
     return Cause(fixes=("he_init", "insert_batchnorm", "residual"), text=found.describe(),
@@ -327,21 +334,33 @@ def recurrent_exploding_fixes(scale_invariant: bool | None) -> tuple[str, ...]:
     return ("clip_gradients", "recurrent_init", "lstm_gru", "lower_lr")
 
 
-def attribute_nonfinite(findings: list[Any]) -> list[Any]:
-    """Name the compounding cause on a non-finite finding too: when the exploding finding found a
-    residual growth, its fix is the non-finite finding's first fix (cause before symptom)."""
+def attribute_symptoms(findings: list[Any], notes: list[str]) -> list[Any]:
+    """Cause before symptom, across findings:
+
+    - a non-finite finding that follows a residual growth gets its fix first (the exploding
+      finding found the growth; the overflow is its consequence);
+    - dead units fed by layers of a compound under-initialised chain are its symptom, not a second
+      problem: where the signal has decayed to nothing the biases alone decide which units fire.
+      They become a note; the chain's re-initialisation (which zeroes those biases) treats them.
+    """
     from dataclasses import replace
 
     explode = next((f for f in findings if f.kind == "exploding" and "residual_growth" in f.evidence), None)
-    if explode is None:
-        return findings
+    compound = next((f for f in findings if f.kind == "vanishing" and "compound_init" in f.evidence), None)
     out = []
     for f in findings:
-        if f.kind == "nonfinite" and "rescale_residual" not in f.fixes:
+        if explode is not None and f.kind == "nonfinite" and "rescale_residual" not in f.fixes:
             evidence = {**f.evidence, "cause": explode.evidence.get("cause", ""),
                         "residual_growth": explode.evidence["residual_growth"]}
             f = replace(f, fixes=("rescale_residual", *f.fixes), evidence=evidence,
                         reasons=(registered_reason("nonfinite", "rescale_residual"), *f.reasons),
                         message=f.message.rstrip(".") + f"; cause: {explode.evidence.get('cause', '')}.")
+        if compound is not None and f.kind == "dead_units":
+            feeding = set(f.evidence.get("feeding_layers", ()))
+            if feeding and feeding <= set(compound.evidence.get("fix_layers", ())):
+                notes.append(f"dead units in {', '.join(f.layers[:3])}{'...' if len(f.layers) > 3 else ''} follow from "
+                             "the compound decay of the signal (the biases alone decide which units fire): "
+                             "re-initialising the chain treats them")
+                continue
         out.append(f)
     return out

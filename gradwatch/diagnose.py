@@ -305,7 +305,7 @@ def _vanishing(ctx: _Context) -> list[Finding]:
         sat = ctx.hidden_saturating()
         recurrent = [names[i] for i in flagged if ctx.types[i] in _RECURRENT]
         under = [names[i] for i in flagged if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.under_scaled_init * math.sqrt(0.5)]
-        compound = None if recurrent or under else causes.vanishing_cause(view, ctx.chain, decades)
+        compound = None if recurrent or under else causes.vanishing_cause(view, ctx.chain, max(1.0, 0.5 * decades))
         if recurrent:
             fixes: tuple[str, ...] = ("lstm_gru", "he_init")
             cause = f"recurrent layers {recurrent} multiply gradients by the same Jacobian at every time step"
@@ -355,6 +355,26 @@ def _vanishing(ctx: _Context) -> list[Finding]:
             reasons=_reasons("vanishing", fixes, acts=", ".join(sat[:4])),
         ))
         _ = first, last_i
+    elif not any(ctx.types[i] in _RECURRENT for i in range(len(names))):
+        # the measured decay is short of the threshold, but the weights predict a compound decay of
+        # at least that much and the sampled signal confirms it: the cause is visible before the symptom
+        compound = causes.vanishing_cause(view, ctx.chain, th.vanishing_decades)
+        if compound is not None:
+            learning = _loss_improvement(view)
+            blocked = learning is not None and learning < th.learning_loss_drop
+            info = compound.evidence["compound_init"]
+            findings.append(Finding(
+                kind="vanishing",
+                layers=tuple(compound.fix_layers),
+                severity="critical" if blocked else "warning",
+                message=f"Gradients vanish towards the input: {compound.text}.",
+                evidence={"signal": "compound_init", "decades": info["predicted_decades"], **compound.evidence,
+                          "fix_layers": compound.fix_layers, "cause": compound.text,
+                          "loss_drop": None if learning is None else round(learning, 3),
+                          "window_steps": [int(view.steps[0]), int(view.steps[-1])]},
+                fixes=compound.fixes,
+                reasons=_reasons("vanishing", compound.fixes, acts=""),
+            ))
     for name in temporal_flagged:
         if any(name in f.layers for f in findings):
             continue
@@ -672,7 +692,7 @@ def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure:
                 findings.extend(rule(ctx))
             except Exception as exc:  # a rule must never take the training run down
                 notes.append(f"rule {rule.__name__.strip('_')} failed on this history: {type(exc).__name__}: {exc}")
-        findings = causes.attribute_nonfinite(findings)
+        findings = causes.attribute_symptoms(findings, ctx.notes)
         findings.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
         rows = _rows(ctx, findings)
     except Exception as exc:
