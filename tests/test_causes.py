@@ -1,0 +1,299 @@
+"""Causes that compound across depth (gradwatch.causes), on real models trained a few dozen steps.
+
+Problems: the compound gain names the cause and ranks its fix first; the fix repairs training.
+Healthy models that would trap a naive rule (a pre-LN transformer's residual stream, a GPT-2
+config at its own std-0.02 init, deep He/Xavier stacks, a hidden functional normalisation) stay
+free of these causes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch import causes, models, tasks
+from gradwatch.findings import Diagnosis
+from gradwatch.layers import activation_kind
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor], steps: int,
+           watch: bool = True, batch: int = 64) -> tuple[Diagnosis | None, list[float]]:
+    x, y = data
+    losses: list[float] = []
+    watcher = gradwatch.watch(model, optimizer=opt) if watch else None
+    try:
+        for step in range(steps):
+            i = (step * batch) % (len(x) - batch + 1)
+            loss = nn.functional.cross_entropy(model(x[i:i + batch]), y[i:i + batch])
+            loss.backward()
+            if watcher is not None:
+                watcher.step(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return (watcher.diagnose() if watcher is not None else None), losses
+    finally:
+        if watcher is not None:
+            watcher.close()
+
+
+def _no_compound_cause(diag: Diagnosis) -> None:
+    for f in diag.findings:
+        assert "compound_init" not in f.evidence and "residual_growth" not in f.evidence, str(diag)
+        assert "rescale_residual" not in f.fixes, str(diag)
+
+
+def _mlp(depth: int, width: int, act: type[nn.Module], std_gain: float, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = models.mlp(16, width, depth, 4, act)
+    with torch.no_grad():
+        for name in [f"fc{i}" for i in range(1, depth + 1)]:
+            layer = model.get_submodule(name)
+            nn.init.normal_(layer.weight, std=std_gain / math.sqrt(layer.in_features))
+            nn.init.zeros_(layer.bias)
+    return model
+
+
+# -- the numbers the rules use --------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(k for k, v in causes.ACTIVATION_MEAN_SQUARE.items() if v is not None))
+def test_activation_mean_square_factors_match_sampling(name):
+    module = getattr(nn, name)()
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        y = module.double()(z[:, None])[:, 0] if name == "PReLU" else module.double()(z)
+    measured = float(y.square().mean())
+    if activation_kind(module) in ("tanh", "hard"):
+        # tanh-like: 1 is the value near 0 (where a decaying signal lives), an upper bound at unit scale
+        assert measured < causes.ACTIVATION_MEAN_SQUARE[name] == 1.0
+        small = module.double()(1e-3 * z)
+        assert float(small.square().mean()) / 1e-6 == pytest.approx(1.0, rel=1e-2)
+    else:
+        assert measured == pytest.approx(causes.ACTIVATION_MEAN_SQUARE[name], abs=0.01 if name == "RReLU" else 0.005)
+
+
+# -- compound under-initialisation -------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compound_under_init_is_named_and_he_init_ranked_first(seed):
+    model = _mlp(30, 128, nn.ReLU, 1.0, seed)  # LeCun scale: 0.71x He per layer, variance x1/2 per layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    diag, losses = _train(model, opt, tasks.teacher_classification(torch.Generator().manual_seed(seed)), 60)
+    vanishing = diag.by_kind("vanishing")
+    assert vanishing, str(diag)
+    f = vanishing[0]
+    assert f.fixes[0] == "he_init", str(diag)
+    info = f.evidence["compound_init"]
+    assert info["median_link_variance_gain"] == pytest.approx(0.5, rel=0.05)  # 0.71^2 x 2 x 1/2
+    assert info["predicted_decades"] == pytest.approx(0.5 * 30 * math.log10(2), rel=0.05)
+    assert len(f.evidence["fix_layers"]) == 30 and "head" not in f.evidence["fix_layers"]
+    assert f.severity == "critical"  # the loss has not moved: training is blocked
+    assert not diag.by_kind("dead_units")  # a symptom of the decay, folded into it
+
+
+@pytest.mark.slow
+def test_the_first_fix_repairs_the_compound_under_init_without_the_watcher():
+    data = tasks.teacher_classification(torch.Generator().manual_seed(0))
+    model = _mlp(30, 128, nn.ReLU, 1.0, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    diag, _ = _train(model, opt, data, 60)
+    _, before = _train(model, opt, data, 120, watch=False)
+    fixed = _mlp(30, 128, nn.ReLU, 1.0, 0)
+    opt = torch.optim.SGD(fixed.parameters(), lr=0.01, momentum=0.9)
+    report = gradwatch.apply_fixes(fixed, diag, optimizer=opt)
+    assert [c.fix for c in report.applied] == ["he_init"], str(report)
+    _, after = _train(fixed, opt, data, 180, watch=False)
+    assert models.final_loss(after) < 0.75 * models.final_loss(before)
+    assert models.final_loss(before) > 0.95 * math.log(4)  # stuck at chance without the fix
+
+
+# -- healthy models: no compound cause --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deep_relu_mlp_at_he_init_is_healthy(seed):
+    model = _mlp(30, 256, nn.ReLU, math.sqrt(2.0), seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    diag, _ = _train(model, opt, tasks.teacher_classification(torch.Generator().manual_seed(seed)), 60)
+    assert diag.healthy, str(diag)
+
+
+@pytest.mark.slow
+def test_tanh_mlp_at_xavier_init_has_no_compound_cause():
+    torch.manual_seed(0)
+    model = models.mlp(16, 128, 20, 4, nn.Tanh)
+    with torch.no_grad():
+        for name in [f"fc{i}" for i in range(1, 21)]:
+            nn.init.xavier_normal_(model.get_submodule(name).weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    diag, _ = _train(model, opt, tasks.teacher_classification(torch.Generator().manual_seed(0)), 60)
+    _no_compound_cause(diag)
+    assert not diag.by_kind("exploding"), str(diag)
+
+
+class _HiddenNormMLP(nn.Module):
+    """LeCun-scale ReLU layers with a *functional* layer norm after each: invisible to the layer list,
+    so the weights alone predict a compound decay that the measured signal contradicts."""
+
+    def __init__(self, depth: int, width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16 if i == 0 else width, width) for i in range(depth))
+        self.acts = nn.ModuleList(nn.ReLU() for _ in range(depth))
+        self.head = nn.Linear(width, 4)
+        with torch.no_grad():
+            for layer in self.layers:
+                nn.init.normal_(layer.weight, std=1.0 / math.sqrt(layer.in_features))
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, act in zip(self.layers, self.acts, strict=True):
+            x = act(nn.functional.layer_norm(layer(x), (layer.out_features,)))
+        return self.head(x)
+
+
+@pytest.mark.slow
+def test_a_hidden_normalisation_contradicts_the_weights_and_nothing_compound_is_claimed():
+    torch.manual_seed(0)
+    model = _HiddenNormMLP(30, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    diag, _ = _train(model, opt, tasks.teacher_classification(torch.Generator().manual_seed(0)), 40)
+    _no_compound_cause(diag)
+
+
+class _PreLNTransformer(nn.Module):
+    def __init__(self, layers: int, d_model: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(8, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.0, activation=nn.GELU(),
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 8)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.encoder(self.embed(tokens))).mean(dim=1))
+
+
+@pytest.mark.slow
+def test_deep_preln_transformer_residual_stream_growth_is_healthy():
+    torch.manual_seed(0)
+    model = _PreLNTransformer(12)
+    data = tasks.majority_token_sequences(torch.Generator().manual_seed(0), length=16, vocab=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    diag, _ = _train(model, opt, data, 30)
+    _no_compound_cause(diag)
+    assert diag.healthy, str(diag)
+
+
+@pytest.mark.slow
+def test_gpt2_config_at_its_own_init_is_not_compound_under_initialised():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=6, n_embd=128, n_head=4, vocab_size=256, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)  # std 0.02: below He scale per layer, normalised by LayerNorm
+    tokens = torch.randint(0, 256, (256, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, optimizer=opt) as watcher:
+        for step in range(20):
+            batch = tokens[(step * 16) % 256:][:16]
+            loss = model(batch, labels=batch).loss
+            loss.backward()
+            watcher.step(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        diag = watcher.diagnose()
+    _no_compound_cause(diag)
+    assert not diag.by_kind("vanishing"), str(diag)
+
+
+@pytest.mark.slow
+def test_resnet_with_batchnorm_has_no_residual_growth():
+    case = models.create("resnet_bn", seed=0)
+    opt = case.make_optimizer()
+    with gradwatch.watch(case.model, optimizer=opt) as watcher:
+        models.train(case, 30, optimizer=opt, on_backward=lambda s: None)
+        diag = watcher.diagnose()
+    _no_compound_cause(diag)
+
+
+# -- residual growth under SGD: non-finite from the first steps -------------------------------------
+def _residual_stack(blocks: int, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), *[models.ResidualMLPBlock(64) for _ in range(blocks)], nn.Linear(64, 4))
+    with torch.no_grad():
+        for block in model[1:-1]:
+            for layer in (block.fc1, block.fc2):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_residual_growth_is_named_on_the_nonfinite_finding_and_rescaling_repairs_it(seed):
+    data = tasks.teacher_classification(torch.Generator().manual_seed(seed))
+    model = _residual_stack(32, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    diag, losses = _train(model, opt, data, 20)
+    assert not math.isfinite(losses[-1])
+    nonfinite, exploding = diag.by_kind("nonfinite"), diag.by_kind("exploding")
+    assert nonfinite and exploding, str(diag)
+    for f in (nonfinite[0], exploding[0]):
+        assert f.fixes[0] == "rescale_residual", str(diag)
+        assert "residual additions" in f.evidence["cause"]
+    branches = exploding[0].evidence["residual_growth"]["branch_last_layers"]
+    assert set(branches) <= {f"{i}.fc2" for i in range(1, 33)} and len(branches) >= 28
+
+    fixed = _residual_stack(32, seed)
+    opt = torch.optim.SGD(fixed.parameters(), lr=0.01, momentum=0.9)
+    report = gradwatch.apply_fixes(fixed, diag, optimizer=opt, only=["rescale_residual"])
+    assert [c.fix for c in report.applied] == ["rescale_residual"]
+    assert all(fixed[i].fc2.weight.abs().max() == 0 for i in range(1, 33) if f"{i}.fc2" in branches)
+    _, after = _train(fixed, opt, data, 100, watch=False)
+    assert all(math.isfinite(v) for v in after) and models.final_loss(after) < 0.5 * math.log(4)
+
+
+def test_rescale_residual_never_guesses_its_targets():
+    model = _residual_stack(2, 0)
+    finding = gradwatch.Finding("exploding", ("1.fc2", "2.fc2"), "critical", "no measured additions",
+                                fixes=("rescale_residual",))
+    report = gradwatch.apply_fixes(model, Diagnosis(findings=(finding,)), only=["rescale_residual"])
+    assert [c.status for c in report.changes] == ["refused"] and "names no residual branch" in report.changes[0].reason
+    assert all(model[i].fc2.weight.abs().max() > 0 for i in (1, 2))
+
+
+# -- recurrent over-scaling under Adam ----------------------------------------------------------------
+def test_recurrent_init_refuses_a_recurrence_that_is_not_over_scaled():
+    torch.manual_seed(0)
+    model = models.RecurrentClassifier(nn.RNN(4, 16, batch_first=True), 4)
+    with torch.no_grad():
+        nn.init.orthogonal_(model.rnn.weight_hh_l0, gain=0.9)
+    finding = gradwatch.Finding("exploding", ("rnn",), "critical", "e", fixes=("recurrent_init", "lstm_gru"))
+    report = gradwatch.apply_fixes(model, Diagnosis(findings=(finding,)), only=["recurrent_init"])
+    assert [c.status for c in report.changes] == ["refused"]
+    assert "not over-scaled" in report.changes[0].refused["rnn"]
+
+
+@pytest.mark.slow
+def test_over_scaled_recurrence_under_adam_gets_no_clipping_even_from_auto_fix():
+    case = models.create("recurrent_adam", seed=0)
+    opt = case.make_optimizer()
+    losses = []
+    with gradwatch.watch(case.model, optimizer=opt, auto_fix=True, auto_fix_probe_steps=40,
+                         auto_fix_verify_steps=40) as watcher:
+        for step in range(160):
+            inputs, targets = case.batch(step)
+            loss = case.loss_fn(case.model(inputs), targets)
+            loss.backward()
+            watcher.step(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        events = [(e.action, e.detail) for e in watcher.autofixer.events]
+    assert not any(action == "clipping" for action, _ in events), events
+    assert events[0][0] == "applied" and "recurrent_init" in events[0][1], events
+    assert events[1][0] == "kept", events
+    unwatched = models.final_loss(models.train(models.create("recurrent_adam", seed=0), 160))
+    assert models.final_loss(losses) < 0.5 * unwatched
