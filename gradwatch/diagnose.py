@@ -359,9 +359,9 @@ def _vanishing(ctx: _Context) -> list[Finding]:
         # the measured decay is short of the threshold, but the weights predict a compound decay of
         # at least that much and the sampled signal confirms it: the cause is visible before the symptom
         compound = causes.vanishing_cause(view, ctx.chain, th.vanishing_decades)
-        if compound is not None:
-            learning = _loss_improvement(view)
-            blocked = learning is not None and learning < th.learning_loss_drop
+        learning = _loss_improvement(view)
+        blocked = learning is not None and learning < th.learning_loss_drop
+        if compound is not None and (blocked or learning is None):  # a run that learns is not blocked by it
             info = compound.evidence["compound_init"]
             findings.append(Finding(
                 kind="vanishing",
