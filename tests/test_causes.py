@@ -309,3 +309,81 @@ def test_over_scaled_recurrence_under_adam_gets_no_clipping_even_from_auto_fix()
     assert events[1][0] == "kept", events
     unwatched = models.final_loss(models.train(models.create("recurrent_adam", seed=0), 160))
     assert models.final_loss(losses) < 0.5 * unwatched
+
+
+# -- the pure rules on synthetic histories --------------------------------------------------------------
+def _view(names: list[str], types: list[str], rms: list[float], gains: list[float],
+          acts: dict[str, tuple[str, str]] | None = None) -> gradwatch.HistoryView:
+    """One sample; weights sized so that ``fan_in * Var(W)`` is ``gains``; ``acts``: {act: (type, feeding)}."""
+    import numpy as np
+
+    from gradwatch.activations import LAYER_SIGNAL_METRICS
+    from gradwatch.collect import GRAD_METRICS
+    from gradwatch.history import ActivationMeta, LayerMeta
+
+    fan, numel = 64, 64 * 64
+    meta = [LayerMeta(type_name=t, depth=i, fan_in=fan if "Norm" not in t else None, numel=numel)
+            for i, t in enumerate(types)]
+    grad = np.full((6, len(names), len(GRAD_METRICS)), np.nan, dtype=np.float32)
+    grad[:, :, GRAD_METRICS.index("weight_norm")] = [math.sqrt(g * numel / fan) for g in gains]
+    signal = np.full((1, len(names), len(LAYER_SIGNAL_METRICS)), np.nan, dtype=np.float32)
+    signal[0, :, 0] = rms
+    acts = acts or {}
+    return gradwatch.HistoryView(
+        layers=names, layer_meta=meta, steps=np.arange(6), grad=grad, total_norm=np.ones(6), loss=np.ones(6),
+        activations=list(acts), activation_meta=[ActivationMeta(kind="relu", type_name=t, depth=i, feeding_layer=f)
+                                                 for i, (t, f) in enumerate(acts.values())],
+        sample_steps=np.array([5]), act=np.zeros((1, len(acts), 3), dtype=np.float32), signal=signal)
+
+
+def _chain(view: gradwatch.HistoryView) -> causes.Chain:
+    return causes.build_chain(view, view.metric("weight_norm")[-1].astype(float))
+
+
+def test_chains_break_at_normalisation_and_at_non_zero_centred_activations():
+    names = ["a", "b", "norm", "c", "d", "e", "f"]
+    view = _view(names, ["Linear", "Linear", "LayerNorm", "Linear", "Linear", "Linear", "Linear"], [1.0] * 7, [1.0] * 7,
+                 {"s": ("Sigmoid", "d"), "r": ("ReLU", "a")})
+    chain = _chain(view)
+    assert chain.segments == [[0, 1], [3, 4], [5, 6]]
+    assert chain.act_factor[0] == 0.5 and chain.link(0) == pytest.approx(0.5)
+
+
+def _residual_view(blocks: int, branch_gain: float) -> gradwatch.HistoryView:
+    """Blocks ``x + fc2(relu(fc1(x)))``: fc1 at ``branch_gain``, fc2 at 2 (He after a ReLU)."""
+    names, types, rms, gains, acts = ["0"], ["Linear"], [1.0], [1.0], {}
+    stream = 1.0
+    for b in range(1, blocks + 1):
+        out1 = branch_gain * stream  # mean squares
+        out2 = 2.0 * 0.5 * out1
+        names += [f"{b}.fc1", f"{b}.fc2"]
+        types += ["Linear", "Linear"]
+        rms += [math.sqrt(out1), math.sqrt(out2)]
+        gains += [branch_gain, 2.0]
+        acts[f"{b}.act"] = ("ReLU", f"{b}.fc1")
+        stream += out2
+    return _view(names, types, rms, gains, acts)
+
+
+def test_residual_growth_is_found_where_branches_multiply_the_stream():
+    view = _residual_view(16, 2.0)  # the stream's variance triples per block
+    growth = causes.residual_growth(view, _chain(view), gradwatch.Thresholds())
+    assert growth is not None
+    assert growth.branch_last_layers == [f"{b}.fc2" for b in range(1, 16)]  # the last one feeds nothing here
+    assert growth.growth_decades > 2.5 and growth.mean_junction_ratio == pytest.approx(1.5, rel=1e-3)
+
+
+def test_additive_residual_growth_is_healthy():
+    view = _residual_view(16, 0.02)  # small branches: the stream's variance adds up, ~sqrt(blocks)
+    assert causes.residual_growth(view, _chain(view), gradwatch.Thresholds()) is None
+
+
+def test_compound_init_needs_the_measured_signal_to_agree():
+    names = [f"fc{i}" for i in range(1, 21)] + ["head"]
+    acts = {f"act{i}": ("ReLU", f"fc{i}") for i in range(1, 21)}
+    decaying = [0.5 ** (i / 2) for i in range(21)]  # variance x1/2 per layer, as the weights predict
+    view = _view(names, ["Linear"] * 21, decaying, [1.0] * 21, acts)
+    found = causes.compound_init(view, _chain(view), 1.0)
+    assert found is not None and found.median_link == pytest.approx(0.5) and len(found.layers) == 20
+    flat = _view(names, ["Linear"] * 21, [1.0] * 21, [1.0] * 21, acts)  # something unseen keeps the scale
+    assert causes.compound_init(flat, _chain(flat), 1.0) is None

@@ -37,6 +37,11 @@ Contract with the diagnosis (which fills ``Finding``):
       ``"optimizer_scale_invariant"`` (Adam-like); fixes e.g. ``("he_init", "insert_batchnorm",
       "lower_lr")`` for over-scaled weights, ``("clip_gradients", "lower_lr")`` otherwise.
     * ``nonfinite``: fixes ``("clip_gradients", "lower_lr")``.
+    * causes that compound (:mod:`gradwatch.causes`): a vanishing finding with
+      ``evidence["compound_init"]`` ranks ``he_init`` first on ``evidence["fix_layers"]``; an exploding
+      (and the non-finite) finding with ``evidence["residual_growth"]["branch_last_layers"]`` ranks
+      ``rescale_residual`` first, which acts on those measured layers only; a recurrent explosion
+      under Adam-like optimizers ranks ``("recurrent_init", "lstm_gru", "lower_lr")``.
     * ``dead_units`` / ``saturation``: ``layers`` = activation module names;
       ``evidence["feeding_layers"]`` = the parameter layers feeding them; fixes e.g.
       ``("he_init", "swap_activation")`` / ``("swap_activation", "insert_batchnorm", "he_init")``.
