@@ -387,3 +387,21 @@ def test_compound_init_needs_the_measured_signal_to_agree():
     assert found is not None and found.median_link == pytest.approx(0.5) and len(found.layers) == 20
     flat = _view(names, ["Linear"] * 21, [1.0] * 21, [1.0] * 21, acts)  # something unseen keeps the scale
     assert causes.compound_init(flat, _chain(flat), 1.0) is None
+
+
+@pytest.mark.slow
+def test_compound_over_init_is_named_and_he_init_repairs_it_under_adam():
+    data = tasks.teacher_classification(torch.Generator().manual_seed(0))
+    model = _mlp(30, 128, nn.ReLU, 1.3 * math.sqrt(2.0), 0)  # 1.3x He per layer: x1.69 variance per layer
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    diag, before = _train(model, opt, data, 120)
+    exploding = diag.by_kind("exploding")
+    assert exploding and exploding[0].fixes[0] == "he_init", str(diag)
+    assert exploding[0].evidence["compound_init"]["median_link_variance_gain"] == pytest.approx(1.69, rel=0.05)
+    fixed = _mlp(30, 128, nn.ReLU, 1.3 * math.sqrt(2.0), 0)
+    opt = torch.optim.Adam(fixed.parameters(), lr=1e-3)
+    report = gradwatch.apply_fixes(fixed, diag, optimizer=opt)
+    assert [c.fix for c in report.applied] == ["he_init"]
+    _, after = _train(fixed, opt, data, 120, watch=False)
+    assert models.final_loss(before) > 0.95 * math.log(4)  # at chance without the fix
+    assert models.final_loss(after) < 0.6 * models.final_loss(before)
