@@ -154,7 +154,7 @@ class CompoundInit:
         ratio = self.median_link
         return (f"the initialisation compounds: each layer multiplies the signal's variance by ~{ratio:.2g} "
                 f"({math.sqrt(ratio):.2g}x the scale that keeps it, He/Xavier for its activation), so over "
-                f"{self.depth} un-normalised layers it {sense} by {10 ** abs(self.predicted_decades):.2g}x in RMS "
+                f"{self.depth} un-normalised layers it {sense} by {10 ** min(abs(self.predicted_decades), 300.0):.2g}x in RMS "
                 f"({abs(self.predicted_decades):.1f} orders of magnitude"
                 + (f"; measured: {abs(self.measured_decades):.1f})" if math.isfinite(self.measured_decades) else ")"))
 
