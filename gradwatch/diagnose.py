@@ -466,12 +466,17 @@ def _exploding(ctx: _Context) -> list[Finding]:
         scale_invariant_opt = view.context.get("optimizer_scale_invariant") is True
         lr = view.context.get("lr")
         silent_now = ~(ctx.gnorm[-max(1, len(ctx.gnorm) // 4):] > 0).any(axis=0)
+        learning = _loss_improvement(view)
         for i in range(len(names)):
             if i in flagged:
                 continue
             m = view.layer_meta[i]
             step = -1
-            if upd is not None and len(upd) == len(names) and math.isfinite(upd[i]):
+            # under Adam a huge gradient is no wreck by itself (the update stays small); in a recurrent
+            # layer whose run has not learnt since, it is the recurrence's own amplification (a chaotic W_hh)
+            stuck_recurrent = (m.recurrent and learning is not None and learning < th.learning_loss_drop
+                               and math.isfinite(peak[i]) and peak[i] >= th.exploding_critical_grad_to_weight)
+            if upd is not None and len(upd) == len(names) and math.isfinite(upd[i]) and not stuck_recurrent:
                 if upd[i] < th.exploding_update_ratio:
                     continue
                 step = int(view.peak_update_step[i]) if view.peak_update_step is not None else -1
@@ -483,7 +488,8 @@ def _exploding(ctx: _Context) -> list[Finding]:
                 if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
                     continue
                 sgd_step = (not scale_invariant_opt) and isinstance(lr, int | float) and peak[i] * lr >= th.exploding_update_ratio
-                big = peak[i] >= th.exploding_critical_grad_to_weight and (silent_now[i] or not scale_invariant_opt)
+                big = peak[i] >= th.exploding_critical_grad_to_weight and (
+                    silent_now[i] or not scale_invariant_opt or stuck_recurrent)
                 if not (sgd_step or big):
                     continue
                 step = int(view.peak_step[i]) if view.peak_step is not None else -1
