@@ -207,6 +207,16 @@ def _loss_improvement(view: HistoryView) -> float | None:
     return (start - recent) / start
 
 
+def _window_loss_drop(view: HistoryView) -> float | None:
+    """Relative drop of the loss within the window, first quarter to last (None when unknown)."""
+    loss = view.loss[np.isfinite(view.loss)] if len(view.loss) else view.loss
+    if len(loss) < 8:
+        return None
+    q = len(loss) // 4
+    first = float(np.median(loss[:q]))
+    return (first - float(np.median(loss[-q:]))) / first if first > 0 else None
+
+
 def _last_finite(col: np.ndarray) -> float:
     finite = np.flatnonzero(np.isfinite(col))
     return float(col[finite[-1]]) if len(finite) else math.nan
@@ -467,6 +477,7 @@ def _exploding(ctx: _Context) -> list[Finding]:
         lr = view.context.get("lr")
         silent_now = ~(ctx.gnorm[-max(1, len(ctx.gnorm) // 4):] > 0).any(axis=0)
         learning = _loss_improvement(view)
+        still = _window_loss_drop(view)  # a run recovering now (e.g. after a fix) is not stuck
         for i in range(len(names)):
             if i in flagged:
                 continue
@@ -475,6 +486,7 @@ def _exploding(ctx: _Context) -> list[Finding]:
             # under Adam a huge gradient is no wreck by itself (the update stays small); in a recurrent
             # layer whose run has not learnt since, it is the recurrence's own amplification (a chaotic W_hh)
             stuck_recurrent = (m.recurrent and learning is not None and learning < th.learning_loss_drop
+                               and still is not None and still < th.learning_loss_drop
                                and math.isfinite(peak[i]) and peak[i] >= th.exploding_critical_grad_to_weight)
             if upd is not None and len(upd) == len(names) and math.isfinite(upd[i]) and not stuck_recurrent:
                 if upd[i] < th.exploding_update_ratio:
@@ -496,7 +508,7 @@ def _exploding(ctx: _Context) -> list[Finding]:
                 why = f"at step {step} the gradient of {names[i]} was {peak[i]:.3g}x its weights"
                 value = float(peak[i])
             flagged.add(i)
-            critical = True
+            critical = critical or not stuck_recurrent  # a peak long ago in a stuck recurrence: a warning
             reasons_found.append(why + (" and the layer has had no gradient since" if silent_now[i] else ""))
             evidence.setdefault("early_explosion", {})[names[i]] = {"value": value, "step": step,
                                                                    "silent_now": bool(silent_now[i])}
