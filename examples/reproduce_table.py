@@ -37,6 +37,9 @@ LABELS = {
     "overscaled_relu_mlp": "deep ReLU MLP, over-scaled init (Adam)",
     "dead_relu_mlp": "ReLU MLP with dead units",
     "saturated_sigmoid": "sigmoid MLP, over-scaled weights",
+    "compound_init_mlp": "30-layer ReLU MLP, LeCun init (0.71x He per layer)",
+    "residual_mlp": "16 residual blocks, no normalisation (Adam)",
+    "recurrent_adam": "RNN, over-scaled recurrent weights (Adam)",
 }
 FIGURE_CASE = "sigmoid_mlp"
 

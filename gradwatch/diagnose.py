@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch import provenance
+from gradwatch import causes, provenance
 from gradwatch.findings import Diagnosis, Finding, LayerRow
 from gradwatch.history import HistoryView
 from gradwatch.precision import underflow_findings
@@ -188,6 +188,9 @@ class _Context:
         self.gtw_median = _nanmedian(gtw, axis=0) if len(view.steps) else np.full(n, np.nan)
         self.signal_in = _nanmedian(view.signal[:, :, 1], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
         self.act_rms = _nanmedian(view.signal[:, :, 0], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
+        last_w = view.last_weight_norm if view.last_weight_norm is not None and len(view.last_weight_norm) == n else None
+        chain_w = np.where(np.isfinite(self.weight_norm), self.weight_norm, last_w) if last_w is not None else self.weight_norm
+        self.chain = causes.build_chain(view, chain_w)  # variance gains along depth (causes that compound)
 
     def hidden_saturating(self) -> list[str]:
         return [
@@ -206,6 +209,16 @@ def _loss_improvement(view: HistoryView) -> float | None:
     return (start - recent) / start
 
 
+def _window_loss_drop(view: HistoryView) -> float | None:
+    """Relative drop of the loss within the window, first quarter to last (None when unknown)."""
+    loss = view.loss[np.isfinite(view.loss)] if len(view.loss) else view.loss
+    if len(loss) < 8:
+        return None
+    q = len(loss) // 4
+    first = float(np.median(loss[:q]))
+    return (first - float(np.median(loss[-q:]))) / first if first > 0 else None
+
+
 def _last_finite(col: np.ndarray) -> float:
     finite = np.flatnonzero(np.isfinite(col))
     return float(col[finite[-1]]) if len(finite) else math.nan
@@ -218,7 +231,7 @@ def _fmt(x: float) -> str:
 def _reasons(kind: str, fixes: Sequence[str], **fmt: Any) -> tuple[str, ...]:
     out = []
     for f in fixes:
-        text = _FIX_REASONS.get((kind, f), "")
+        text = _FIX_REASONS.get((kind, f)) or causes.registered_reason(kind, f)
         try:
             out.append(text.format(**fmt))
         except (KeyError, ValueError):
@@ -304,6 +317,7 @@ def _vanishing(ctx: _Context) -> list[Finding]:
         sat = ctx.hidden_saturating()
         recurrent = [names[i] for i in flagged if ctx.types[i] in _RECURRENT]
         under = [names[i] for i in flagged if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.under_scaled_init * math.sqrt(0.5)]
+        compound = None if recurrent or under else causes.vanishing_cause(view, ctx.chain, max(1.0, 0.5 * decades))
         if recurrent:
             fixes: tuple[str, ...] = ("lstm_gru", "he_init")
             cause = f"recurrent layers {recurrent} multiply gradients by the same Jacobian at every time step"
@@ -311,6 +325,9 @@ def _vanishing(ctx: _Context) -> list[Finding]:
             # cause before symptom: tiny weights shrink the signal at every layer whatever the activation
             fixes = ("he_init", "insert_batchnorm", "residual")
             cause = f"weights of {under[:3]} are far below He/Xavier scale"
+        elif compound is not None:
+            # cause before symptom: modest per-layer deficits that compound along an un-normalised chain
+            fixes, cause = compound.fixes, compound.text
         elif sat:
             # normalisation first: it keeps the model's activations and learning-rate regime; a swap
             # to unbounded ReLUs under a learning rate tuned for sigmoids can diverge (measured on the
@@ -327,11 +344,17 @@ def _vanishing(ctx: _Context) -> list[Finding]:
         if under:
             evidence["fix_layers"] = [names[i] for i in matrix_cols
                                       if math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.under_scaled_init * math.sqrt(0.5)]
+        elif compound is not None:
+            evidence["fix_layers"] = compound.fix_layers
+            evidence.update(compound.evidence)
         else:
             chain = [i for i in matrix_cols[:-1] if i >= flagged[0]]
             evidence["fix_layers"] = [names[i] for i in chain] or layer_names
         evidence["cause"] = cause
         severity = "critical" if decades >= th.vanishing_critical_decades else "warning"
+        learning = _loss_improvement(view)
+        if compound is not None and learning is not None and learning < th.learning_loss_drop:
+            severity = "critical"  # the compound decay blocks training: the loss has not moved
         what = "gradient relative to weights" if signal_used == "grad_to_weight" else "backward signal dL/d(output)"
         findings.append(Finding(
             kind="vanishing",
@@ -344,6 +367,26 @@ def _vanishing(ctx: _Context) -> list[Finding]:
             reasons=_reasons("vanishing", fixes, acts=", ".join(sat[:4])),
         ))
         _ = first, last_i
+    elif not any(ctx.types[i] in _RECURRENT for i in range(len(names))):
+        # the measured decay is short of the threshold, but the weights predict a compound decay of
+        # at least that much and the sampled signal confirms it: the cause is visible before the symptom
+        compound = causes.vanishing_cause(view, ctx.chain, th.vanishing_decades)
+        learning = _loss_improvement(view)
+        blocked = learning is not None and learning < th.learning_loss_drop
+        if compound is not None and (blocked or learning is None):  # a run that learns is not blocked by it
+            info = compound.evidence["compound_init"]
+            findings.append(Finding(
+                kind="vanishing",
+                layers=tuple(compound.fix_layers),
+                severity="critical" if blocked else "warning",
+                message=f"Gradients vanish towards the input: {compound.text}.",
+                evidence={"signal": "compound_init", "decades": info["predicted_decades"], **compound.evidence,
+                          "fix_layers": compound.fix_layers, "cause": compound.text,
+                          "loss_drop": None if learning is None else round(learning, 3),
+                          "window_steps": [int(view.steps[0]), int(view.steps[-1])]},
+                fixes=compound.fixes,
+                reasons=_reasons("vanishing", compound.fixes, acts=""),
+            ))
     for name in temporal_flagged:
         if any(name in f.layers for f in findings):
             continue
@@ -435,12 +478,19 @@ def _exploding(ctx: _Context) -> list[Finding]:
         scale_invariant_opt = view.context.get("optimizer_scale_invariant") is True
         lr = view.context.get("lr")
         silent_now = ~(ctx.gnorm[-max(1, len(ctx.gnorm) // 4):] > 0).any(axis=0)
+        learning = _loss_improvement(view)
+        still = _window_loss_drop(view)  # a run recovering now (e.g. after a fix) is not stuck
         for i in range(len(names)):
             if i in flagged:
                 continue
             m = view.layer_meta[i]
             step = -1
-            if upd is not None and len(upd) == len(names) and math.isfinite(upd[i]):
+            # under Adam a huge gradient is no wreck by itself (the update stays small); in a recurrent
+            # layer whose run has not learnt since, it is the recurrence's own amplification (a chaotic W_hh)
+            stuck_recurrent = (m.recurrent and learning is not None and learning < th.learning_loss_drop
+                               and still is not None and still < th.learning_loss_drop
+                               and math.isfinite(peak[i]) and peak[i] >= th.exploding_critical_grad_to_weight)
+            if upd is not None and len(upd) == len(names) and math.isfinite(upd[i]) and not stuck_recurrent:
                 if upd[i] < th.exploding_update_ratio:
                     continue
                 step = int(view.peak_update_step[i]) if view.peak_update_step is not None else -1
@@ -452,14 +502,15 @@ def _exploding(ctx: _Context) -> list[Finding]:
                 if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
                     continue
                 sgd_step = (not scale_invariant_opt) and isinstance(lr, int | float) and peak[i] * lr >= th.exploding_update_ratio
-                big = peak[i] >= th.exploding_critical_grad_to_weight and (silent_now[i] or not scale_invariant_opt)
+                big = peak[i] >= th.exploding_critical_grad_to_weight and (
+                    silent_now[i] or not scale_invariant_opt or stuck_recurrent)
                 if not (sgd_step or big):
                     continue
                 step = int(view.peak_step[i]) if view.peak_step is not None else -1
                 why = f"at step {step} the gradient of {names[i]} was {peak[i]:.3g}x its weights"
                 value = float(peak[i])
             flagged.add(i)
-            critical = True
+            critical = critical or not stuck_recurrent  # a peak long ago in a stuck recurrence: a warning
             reasons_found.append(why + (" and the layer has had no gradient since" if silent_now[i] else ""))
             evidence.setdefault("early_explosion", {})[names[i]] = {"value": value, "step": step,
                                                                    "silent_now": bool(silent_now[i])}
@@ -474,11 +525,17 @@ def _exploding(ctx: _Context) -> list[Finding]:
                                   if ctx.matrix[i] and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] >= th.over_scaled_init]
     scale_invariant = view.context.get("optimizer_scale_invariant")
     recurrent = [n for n, t in zip(names, ctx.types, strict=True) if t in _RECURRENT and n in layers]
+    compound = None if recurrent else causes.exploding_cause(view, ctx.chain, th)
     if recurrent:
-        # the classic case for clipping: the recurrence amplifies through time; re-initialising
-        # an RNN's weights is not a cure (he_init leaves recurrent layers alone)
-        fixes: tuple[str, ...] = ("clip_gradients", "lower_lr") if scale_invariant is not True else ("lower_lr", "clip_gradients")
+        # the recurrence amplifies through time: under SGD clipping bounds the updates (Pascanu et al.);
+        # under Adam-like optimizers clipping does nothing, the recurrent matrix is re-initialised
+        fixes: tuple[str, ...] = causes.recurrent_exploding_fixes(scale_invariant)
         cause = f"the recurrence in {recurrent} amplifies gradients through time"
+        evidence["fix_layers"] = recurrent
+    elif compound is not None and (compound.fixes[0] == "rescale_residual" or not over):
+        fixes, cause = compound.fixes, compound.text
+        evidence["fix_layers"] = compound.fix_layers
+        evidence.update(compound.evidence)
     elif over:
         fixes = ("he_init", "insert_batchnorm", "lower_lr")
         if scale_invariant is False:
@@ -667,6 +724,7 @@ def diagnose(view: HistoryView, thresholds: Thresholds | None = None, structure:
                 findings.extend(rule(ctx))
             except Exception as exc:  # a rule must never take the training run down
                 notes.append(f"rule {rule.__name__.strip('_')} failed on this history: {type(exc).__name__}: {exc}")
+        findings = causes.attribute_symptoms(findings, ctx.notes)
         findings.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
         rows = _rows(ctx, findings)
     except Exception as exc:

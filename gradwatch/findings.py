@@ -25,6 +25,8 @@ FIX_NAMES: tuple[str, ...] = (
     "lower_lr",
     "skip_spikes",
     "mixed_precision",
+    "rescale_residual",
+    "recurrent_init",
 )
 
 

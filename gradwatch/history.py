@@ -99,6 +99,11 @@ class HistoryView:
     pre_grad_norm: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     pre_total_norm: np.ndarray = field(default_factory=lambda: np.zeros(0))
     pre_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: per layer (depth order), the latest *finite* sampled ``act_rms`` and ``out_grad_rms`` and the
+    #: latest finite weight norm: the forward signal as it was before a run went non-finite (a
+    #: diverged run's window holds only NaN, yet its cause was visible at the first samples).
+    last_finite_signal: np.ndarray | None = None
+    last_weight_norm: np.ndarray | None = None
 
     def metric(self, name: str) -> np.ndarray:
         """``[steps, layers]`` array of one gradient metric."""
@@ -348,6 +353,7 @@ class History:
         self._peak_upd = np.zeros(0)
         self._peak_upd_step = np.zeros(0, dtype=np.int64)
         self._last_wnorm = np.zeros(0)
+        self._last_signal = np.zeros((0, 2))
         self._fan_numel: tuple[np.ndarray, np.ndarray] | None = None
         self._first_losses: list[float] = []
         self._columns_cache: tuple[list[int], int, int, bool] | None = None
@@ -374,6 +380,7 @@ class History:
             self._peak_upd = np.concatenate([self._peak_upd, np.full(extra, np.nan)])
             self._peak_upd_step = np.concatenate([self._peak_upd_step, np.zeros(extra, dtype=np.int64)])
             self._last_wnorm = np.concatenate([self._last_wnorm, np.full(extra, np.nan)])
+            self._last_signal = np.concatenate([self._last_signal, np.full((extra, 2), np.nan)])
         self._active_layers = set(names)
         self._fan_numel = None  # layer metadata may have changed
         index = {name: i for i, name in enumerate(self.layers)}
@@ -522,6 +529,9 @@ class History:
         s[layer_columns] = signal
         self._act.append(step, a)
         self._signal.append(step, s)
+        pair = s[:, :2].astype(np.float64)
+        finite = np.isfinite(pair).all(axis=1) & (pair[:, 0] > 0)
+        self._last_signal[: len(pair)][finite] = pair[finite]
 
     # -- reading ---------------------------------------------------------------------------------
     @property
@@ -580,6 +590,8 @@ class History:
             loss_scale=np.array([s for t, s in self.loss_scales if not len(steps) or t >= steps[0]], dtype=np.float64),
             lowest_zero_frac=self._lowest_zero_frac(order),
             **self._lookback(last, lookback, order),
+            last_finite_signal=self._last_signal[order].copy() if len(self._last_signal) >= len(self.layers) else None,
+            last_weight_norm=self._last_wnorm[order].copy() if len(self._last_wnorm) >= len(self.layers) else None,
         )
 
     def _lowest_zero_frac(self, order: list[int]) -> np.ndarray:

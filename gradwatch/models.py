@@ -905,3 +905,144 @@ def transformer_preln(seed: int = 0) -> ReferenceCase:
             "from the loss to every layer, so gradients neither vanish nor explode."
         ),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-10. Causes that compound across depth (issue 15): no single layer far off, the product is
+
+COMPOUND_DEPTH = 30
+COMPOUND_WIDTH = 256
+
+
+def _compound_init_mlp(name: str, seed: int, variance: float, **kwargs: object) -> ReferenceCase:
+    model = mlp(16, COMPOUND_WIDTH, COMPOUND_DEPTH, 4, nn.ReLU)
+    with torch.no_grad():
+        for layer in _hidden(COMPOUND_DEPTH):
+            module = model.get_submodule(layer)
+            nn.init.normal_(module.weight, std=math.sqrt(variance / module.in_features))
+            nn.init.zeros_(module.bias)
+    return _case(name, model, tasks.teacher_classification(_generator(seed)), seed, optimizer=_sgd(0.005),
+                 batch_size=64, default_steps=200, cure=("he_init",), **kwargs)
+
+
+@register_model
+def compound_init_mlp(seed: int = 0) -> ReferenceCase:
+    """Vanishing: a 30-layer ReLU MLP at LeCun scale, 0.71x He per layer (cure: he_init)."""
+    return _compound_init_mlp(
+        "compound_init_mlp", seed, 1.0, problem="vanishing", twin="compound_init_mlp_fixed",
+        description=(
+            f"A compound under-initialisation: a plain ReLU MLP ({COMPOUND_DEPTH} hidden layers, width "
+            f"{COMPOUND_WIDTH}) with LeCun-scale weights, std = sqrt(1/fan_in), trained with SGD and "
+            f"momentum. Each layer is only 0.71x the He scale, yet a ReLU halves the variance it is "
+            f"given, so every layer multiplies the signal's variance by 1/2: 2^-{COMPOUND_DEPTH} over the "
+            f"depth, forward and backward. The loss stays at chance. No normalisation or skip is "
+            f"missing: re-initialising at He scale alone makes the network train (He et al. 2015). "
+            f"Cure: he_init."
+        ),
+    )
+
+
+@register_model
+def compound_init_mlp_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``compound_init_mlp``: the hidden layers at He scale."""
+    return _compound_init_mlp(
+        "compound_init_mlp_fixed", seed, 2.0, problem=None, twin="compound_init_mlp",
+        description="Fixed twin of compound_init_mlp: the same MLP with Kaiming-normal hidden layers (zero biases).",
+    )
+
+
+class ResidualMLPBlock(nn.Module):
+    """``x + fc2(act(fc1(x)))``, no normalisation: the branch of a Fixup/SkipInit-style residual MLP."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+RESIDUAL_BLOCKS = 16
+RESIDUAL_WIDTH = 64
+
+
+def _residual_mlp(name: str, seed: int, zero_last: bool, **kwargs: object) -> ReferenceCase:
+    blocks = [ResidualMLPBlock(RESIDUAL_WIDTH) for _ in range(RESIDUAL_BLOCKS)]
+    model = nn.Sequential(OrderedDict(
+        [("proj", nn.Linear(16, RESIDUAL_WIDTH))] + [(f"block{i + 1}", b) for i, b in enumerate(blocks)]
+        + [("head", nn.Linear(RESIDUAL_WIDTH, 4))]))
+    with torch.no_grad():
+        for block in blocks:
+            _he(block.fc1)
+            _he(block.fc2)
+            if zero_last:
+                nn.init.zeros_(block.fc2.weight)
+    return _case(name, model, tasks.teacher_classification(_generator(seed)), seed, optimizer=_adam(1e-3),
+                 batch_size=64, default_steps=150, cure=("rescale_residual",), **kwargs)
+
+
+@register_model
+def residual_mlp(seed: int = 0) -> ReferenceCase:
+    """Exploding: 16 un-normalised residual blocks with He-scale branches (cure: rescale_residual)."""
+    return _residual_mlp(
+        "residual_mlp", seed, False, problem="exploding", twin="residual_mlp_fixed",
+        description=(
+            f"A forward signal that multiplies through residual additions: {RESIDUAL_BLOCKS} blocks "
+            f"x + fc2(relu(fc1(x))) (width {RESIDUAL_WIDTH}), no normalisation, both branch layers at He "
+            f"scale, trained with Adam. Each block adds a branch as large as twice the stream to it, so "
+            f"the stream's variance triples per block (3^{RESIDUAL_BLOCKS} over the stack): logits in the "
+            f"thousands, a loss in the thousands at the start and still several times chance at the end "
+            f"(with SGD the first step overflows). Every layer is at its textbook scale: he_init cannot "
+            f"help. Cure: rescale_residual, zero-initialising the last layer of each branch so every block "
+            f"starts as the identity (SkipInit, Fixup)."
+        ),
+    )
+
+
+@register_model
+def residual_mlp_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``residual_mlp``: the last layer of each branch zero-initialised."""
+    return _residual_mlp(
+        "residual_mlp_fixed", seed, True, problem=None, twin="residual_mlp",
+        description="Fixed twin of residual_mlp: fc2 of every block zero-initialised (each block starts as the identity).",
+    )
+
+
+RECURRENT_ADAM_GAIN = 2.5
+
+
+def _recurrent_adam(name: str, seed: int, orthogonal: bool, **kwargs: object) -> ReferenceCase:
+    rnn = nn.RNN(4, RNN_HIDDEN, batch_first=True)
+    with torch.no_grad():
+        if orthogonal:
+            nn.init.orthogonal_(rnn.weight_hh_l0)
+        else:  # entries N(0, g^2/H): spectral radius ~g
+            nn.init.normal_(rnn.weight_hh_l0, std=RECURRENT_ADAM_GAIN / math.sqrt(RNN_HIDDEN))
+    data = tasks.recent_token_sequences(_generator(seed), length=EXPLODING_LENGTH, lag=1)
+    return _case(name, RecurrentClassifier(rnn, 4), data, seed, optimizer=_adam(3e-3), batch_size=64,
+                 default_steps=200, cure=("recurrent_init",), **kwargs)
+
+
+@register_model
+def recurrent_adam(seed: int = 0) -> ReferenceCase:
+    """Exploding: a tanh ``nn.RNN`` with recurrent gain 2.5, trained with Adam (cure: recurrent_init)."""
+    return _recurrent_adam(
+        "recurrent_adam", seed, False, problem="exploding", twin="recurrent_adam_fixed",
+        description=(
+            f"exploding_rnn's over-scaled recurrence (spectral radius ~{RECURRENT_ADAM_GAIN}) under Adam. "
+            f"Adam divides each gradient by its running scale, so clipping changes nothing (measured: "
+            f"the loss ends higher with it): the recurrent matrix stays chaotic and the loss stays near "
+            f"chance. Cure: recurrent_init, an orthogonal W_hh (spectral radius 1; Saxe et al. 2014)."
+        ),
+    )
+
+
+@register_model
+def recurrent_adam_fixed(seed: int = 0) -> ReferenceCase:
+    """Twin of ``recurrent_adam``: an orthogonal recurrent matrix."""
+    return _recurrent_adam(
+        "recurrent_adam_fixed", seed, True, problem=None, twin="recurrent_adam",
+        description="Fixed twin of recurrent_adam: the same RNN with an orthogonal W_hh, trained with Adam.",
+    )

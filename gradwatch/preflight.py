@@ -118,7 +118,8 @@ def preflight(
         batch: an ``(inputs, target)`` pair or a list of them; ``loss_fn(model(inputs), target)``.
         loss_fn: returns a scalar loss tensor.
         optimizer: if it already exists, new parameters are added to it (else build it after).
-        fix: ``True`` (the fixes that change the model: ``PREFLIGHT_FIXES``), ``False`` (recommend
+        fix: ``True`` (the fixes that change the model: ``PREFLIGHT_FIXES`` and registered fixes whose
+            class sets ``preflight = True``), ``False`` (recommend
             only: the report is a dry run with copy-pasteable code) or a list of fix names.
         steps: forward/backward passes to probe (no optimizer step is taken).
         thresholds: diagnosis thresholds (the window is set to ``steps``).
@@ -134,7 +135,10 @@ def preflight(
     from gradwatch.fixes import apply_fixes
 
     if fix is True:
-        allowed: tuple[str, ...] = PREFLIGHT_FIXES
+        from gradwatch.fixes.registry import get_fix_class, list_fixes
+
+        allowed: tuple[str, ...] = PREFLIGHT_FIXES + tuple(
+            n for n in list_fixes() if n not in PREFLIGHT_FIXES and get_fix_class(n).preflight)
     elif fix is False:
         allowed = ()
     else:

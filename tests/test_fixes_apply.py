@@ -106,10 +106,23 @@ def test_the_same_module_is_not_fixed_twice_across_findings():
         Finding("saturation", ("1",), "warning", "s", {"feeding_layers": ["0"]}, ("swap_activation", "insert_batchnorm")),
     )
     report = apply_fixes(model, diagnosis, only=["swap_activation", "insert_batchnorm"])
-    assert [(c.fix, c.status) for c in report.changes] == [
-        ("swap_activation", "applied"), ("swap_activation", "refused"), ("insert_batchnorm", "applied")
-    ]
+    # the saturation finding is already treated by the swap made for the vanishing one: no second fix on top
+    assert [(c.fix, c.status) for c in report.changes] == [("swap_activation", "applied"), ("swap_activation", "refused")]
     assert "already swapped" in report.changes[1].refused["1"]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_a_finding_partly_treated_by_an_earlier_fix_gets_the_rest_from_that_fix():
+    model = _model()
+    diagnosis = _diagnosis(
+        model,
+        Finding("vanishing", ("0", "2"), "critical", "v", {"activations": ["1"]}, ("swap_activation",)),
+        Finding("saturation", ("1", "3"), "warning", "s", {"feeding_layers": ["0", "2"]},
+                ("swap_activation", "insert_batchnorm")),
+    )
+    report = apply_fixes(model, diagnosis, only=["swap_activation", "insert_batchnorm"])
+    assert [(c.fix, c.status) for c in report.changes] == [("swap_activation", "applied"), ("swap_activation", "applied")]
+    assert report.changes[1].targets == ["3"] and "already swapped" in report.changes[1].refused["1"]
 
 
 def test_later_fixes_address_modules_where_earlier_fixes_moved_them():

@@ -63,6 +63,34 @@ class ConvNet(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class ResMLP(nn.Module):
+    """proj, three residual blocks ``x + fc2(act(fc1(x)))`` without normalisation, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(16, 16), "act": nn.ReLU(), "fc2": nn.Linear(16, 16)})
+                                    for _ in range(3))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        for b in self.blocks:
+            x = x + b["fc2"](b["act"](b["fc1"](x)))
+        return self.head(x)
+
+
+def _over_scaled_rnn() -> nn.Module:
+    model = SeqModel()
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.mul_(4.0)
+    return model
+
+
+def _res_prefix(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.blocks[0]["fc1"](model.proj(x))
+
+
 @dataclass
 class Case:
     """A model, an input, a finding naming part of it, and a probe of a part the fix must not touch."""
@@ -147,6 +175,18 @@ CASES = [
         "lstm_gru", SeqModel, _x_seq,
         Finding("vanishing", ("rnn",), "critical", "rnn", fixes=("lstm_gru",)), _seq_prefix,
         options={"lstm_gru": {"to": "lstm"}},
+    ),
+    Case(
+        "rescale_residual", ResMLP, _x_mlp,
+        Finding("exploding", ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc2"), "critical", "residual growth",
+                {"residual_growth": {"branch_last_layers": ["blocks.0.fc2", "blocks.1.fc2"]}},
+                fixes=("rescale_residual",)),
+        _res_prefix,
+    ),
+    Case(
+        "recurrent_init", _over_scaled_rnn, _x_seq,
+        Finding("exploding", ("rnn",), "critical", "recurrence amplifies", fixes=("recurrent_init",)),
+        _seq_prefix,
     ),
     Case(
         "clip_gradients", _over_scaled_relu, _x_mlp,

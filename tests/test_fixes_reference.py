@@ -38,7 +38,10 @@ def _finding(case: models.ReferenceCase) -> Diagnosis:
         finding = Finding(case.problem, tuple(names), "critical", "reference", {"feeding_layers": feeding}, case.cure)
     else:
         layers = tuple(layer.name for layer in discover_layers(model))
-        finding = Finding(case.problem, layers, "critical", "reference", {"activations": saturating}, case.cure)
+        evidence: dict = {"activations": saturating}
+        if "rescale_residual" in case.cure:  # it acts only on branches the diagnosis measured: name them as it would
+            evidence["residual_growth"] = {"branch_last_layers": [n for n in layers if n.endswith(".fc2")]}
+        finding = Finding(case.problem, layers, "critical", "reference", evidence, case.cure)
     return Diagnosis(findings=(finding,), structure=structure)
 
 

@@ -19,6 +19,10 @@ lower_lr            recommend a smaller learning rate                           
 skip_spikes         opt-in: skip the update of a spike step (optimizer step     in place
                     pre-hook; optimizer state untouched)
 mixed_precision     recommend bfloat16 or a higher GradScaler scale             advice
+rescale_residual    zero (or scale) the last layer of each measured residual    in place
+                    branch (SkipInit / Fixup)
+recurrent_init      orthogonal ``W_hh`` for ``nn.RNN`` layers whose spectral    in place
+                    radius is above 1
 ==================  ==========================================================  ===========
 
 The entry points: :func:`apply_fixes` (policy and record), :func:`replay` (rebuild a fixed
@@ -36,6 +40,11 @@ Contract with the diagnosis (which fills ``Finding``):
       ``"optimizer_scale_invariant"`` (Adam-like); fixes e.g. ``("he_init", "insert_batchnorm",
       "lower_lr")`` for over-scaled weights, ``("clip_gradients", "lower_lr")`` otherwise.
     * ``nonfinite``: fixes ``("clip_gradients", "lower_lr")``.
+    * causes that compound (:mod:`gradwatch.causes`): a vanishing finding with
+      ``evidence["compound_init"]`` ranks ``he_init`` first on ``evidence["fix_layers"]``; an exploding
+      (and the non-finite) finding with ``evidence["residual_growth"]["branch_last_layers"]`` ranks
+      ``rescale_residual`` first, which acts on those measured layers only; a recurrent explosion
+      under Adam-like optimizers ranks ``("recurrent_init", "lstm_gru", "lower_lr")``.
     * ``dead_units`` / ``saturation``: ``layers`` = activation module names;
       ``evidence["feeding_layers"]`` = the parameter layers feeding them; fixes e.g.
       ``("he_init", "swap_activation")`` / ``("swap_activation", "insert_batchnorm", "he_init")``.
@@ -50,6 +59,8 @@ from gradwatch.fixes import (  # noqa: F401  (importing a fix module registers i
     lower_lr,
     lstm_gru,
     mixed_precision,
+    recurrent_init,
+    rescale_residual,
     residual,
     skip_spikes,
     swap_activation,

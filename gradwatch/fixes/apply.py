@@ -13,8 +13,9 @@ Policy (which fixes are applied):
       down): every layer feeding a swapped activation is re-initialised, so that the whole ReLU
       stack is at He scale.
     * A fix acts only on the layers its finding names; a module already handled by the same fix
-      for an earlier finding is not handled twice, and at most one clipper is installed per
-      optimizer.
+      for an earlier finding is not handled twice (and when that fix already handles every layer
+      the finding names, the finding is treated: no further fix is tried), and at most one
+      clipper is installed per optimizer.
     * Opt-in fixes (``Fix.opt_in``, e.g. ``skip_spikes``) are applied only when ``only`` names them.
     * A healthy diagnosis changes nothing.
 """
@@ -142,6 +143,8 @@ def _treat(
         change = fixes[name].apply(ctx, finding, dry_run=dry_run)
         report.changes.append(change)
         if change.status == "refused":
+            if change.refused and all((name, t) in ctx.done for t in change.refused):
+                return  # this fix already treats every layer of the finding (for an earlier finding)
             continue
         if name == "swap_activation" and (allowed is None or "he_init" in allowed):
             _follow_with_he_init(ctx, finding, change, fixes["he_init"], dry_run, report)

@@ -169,6 +169,9 @@ class Fix(ABC):
     #: Opt-in fixes are applied only when named (``apply_fixes(only=[...])``, ``auto_fix=[...]``),
     #: never by the default policy: they change how training proceeds, not the model.
     opt_in: ClassVar[bool] = False
+    #: Whether :func:`gradwatch.preflight` applies it by default (it changes the model itself, best
+    #: before training). Fixes listed in ``gradwatch.preflight.PREFLIGHT_FIXES`` are applied too.
+    preflight: ClassVar[bool] = False
 
     def options(self) -> dict[str, Any]:
         """The fix's options, as plain data (for the record)."""

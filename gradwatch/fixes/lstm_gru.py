@@ -71,6 +71,10 @@ class LstmGru(Fix):
     name = "lstm_gru"
     structural = True
     kinds = ("vanishing", "exploding")
+    why = {
+        "exploding": "gated cells (GRU/LSTM) set their gain through time with learnt gates instead of a fixed "
+                     "recurrent matrix, so the state and its gradient do not grow step after step",
+    }
 
     def __init__(self, to: str = "gru", gate_bias: float | None = None):
         if to not in TARGETS:

@@ -44,6 +44,17 @@ def default_fixes() -> list[str]:
     return [name for name, cls in _REGISTRY.items() if not cls.opt_in]
 
 
+def get_fix_class(name: str) -> type[Fix]:
+    """The class registered as ``name``: what the fix itself knows (``kinds``, ``why``, ``preflight``).
+
+    Raises:
+        ValueError: unknown name (the message lists the registry).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown fix {name!r}; registered fixes: {list_fixes()}")
+    return _REGISTRY[name]
+
+
 def check_names(names: Any, what: str = "fix") -> list[str]:
     """Validate a list of fix names.
 
