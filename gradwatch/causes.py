@@ -57,6 +57,10 @@ ADDITIVE_MARGIN_DECADES = 1.0
 #: A link (a layer and the activation it feeds) whose variance gain is below this is part of a
 #: compound decay (above ``1 / this``: of a compound growth); He scale gives 1.
 LINK_TOLERANCE = 0.9
+#: Backward mean squares of a real link ``i -> j`` agree with ``gain_j * act_factor_i`` up to this
+#: factor (width changes between layers, a batch's sampling spread, a ReLU's mask); attention's side-by-
+#: side projections are off by the inverse of their own gain (~1/0.01 at a 0.02-std init).
+SEQUENTIAL_TOLERANCE = 10.0
 _NORM_MARKERS = ("Norm",)
 _INDEX = re.compile(r"(?<![^.])\d+(?![^.])")  # a whole name component that is a number
 _BREAK_TYPES = ("Embedding", "EmbeddingBag", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell",
@@ -177,8 +181,8 @@ def compound_init(view: HistoryView, chain: Chain, needed_decades: float, sign: 
         return None
     last_layer = max((s[-1] for s in chain.segments), default=-1)
     best: CompoundInit | None = None
-    for seg in chain.segments:
-        links = [i for i in seg if i != last_layer]
+    runs = [run for seg in chain.segments for run in _sequential_runs(chain, [i for i in seg if i != last_layer])]
+    for links in runs:
         if len(links) < 2:
             continue
         logs = np.array([math.log10(chain.link(i)) if chain.link(i) > 0 else math.nan for i in links])
@@ -204,6 +208,35 @@ def compound_init(view: HistoryView, chain: Chain, needed_decades: float, sign: 
         if off and (best is None or abs(found.predicted_decades) > abs(best.predicted_decades)):
             best = found
     return best
+
+
+def _sequential_runs(chain: Chain, layers: list[int]) -> list[list[int]]:
+    """``layers`` cut wherever the sampled backward signal shows that ``j`` does not feed ``i``.
+
+    Depth order is the order layers *run*, not a data path: attention's query, key and value
+    projections run one after another but side by side. Through a real link ``i -> j`` the
+    gradient with respect to ``i``'s output is ``j``'s output gradient passed back through ``j``'s
+    weights and ``i``'s activation, so its mean square is ``gain_j * act_factor_i`` times ``j``'s
+    (biases add nothing backwards). A pair off that by more than ``SEQUENTIAL_TOLERANCE`` in
+    either direction is not a link, and the compound gain is not multiplied across it; where the
+    backward signal was not sampled the pair is kept.
+    """
+    runs: list[list[int]] = []
+    current: list[int] = []
+    g = chain.out_grad_rms
+    for i in layers:
+        if current:
+            p = current[-1]
+            expected = chain.gain[i] * chain.act_factor[p] * g[i] ** 2
+            if math.isfinite(g[p]) and math.isfinite(expected) and g[p] > 0 and expected > 0:
+                ratio = g[p] ** 2 / expected
+                if not (1 / SEQUENTIAL_TOLERANCE <= ratio <= SEQUENTIAL_TOLERANCE):
+                    runs.append(current)
+                    current = []
+        current.append(i)
+    if current:
+        runs.append(current)
+    return runs
 
 
 def _decades(x: float, y: float) -> float:

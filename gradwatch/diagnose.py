@@ -185,6 +185,15 @@ class _Context:
             if m.fan_in and m.numel and math.isfinite(self.weight_norm[i]):
                 rms = self.weight_norm[i] / math.sqrt(m.numel)
                 self.he_scale[i] = rms / math.sqrt(2.0 / m.fan_in)
+        # near-zero parameters make a large grad-to-weight ratio by construction: matrices far below
+        # their init scale, and layers with no fan-in (biases, norm offsets: zero-initialised, their
+        # natural scale is a gain's 1) whose RMS is below the same fraction of it
+        self.near_zero = np.zeros(n, dtype=bool)
+        for i, m in enumerate(view.layer_meta):
+            if m.fan_in:
+                self.near_zero[i] = bool(math.isfinite(self.he_scale[i]) and self.he_scale[i] < th.small_weight_factor / math.sqrt(2.0))
+            elif m.numel and math.isfinite(self.weight_norm[i]):
+                self.near_zero[i] = self.weight_norm[i] / math.sqrt(m.numel) < th.small_weight_factor
         self.gtw_median = _nanmedian(gtw, axis=0) if len(view.steps) else np.full(n, np.nan)
         self.signal_in = _nanmedian(view.signal[:, :, 1], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
         self.act_rms = _nanmedian(view.signal[:, :, 0], axis=0) if len(view.sample_steps) else np.full(n, np.nan)
@@ -423,7 +432,7 @@ def _exploding(ctx: _Context) -> list[Finding]:
         m = view.layer_meta[i]
         if share[i] < th.persistence:
             continue
-        if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
+        if ctx.near_zero[i]:
             continue  # near-zero weights: a large ratio by construction
         flagged.add(i)
     if flagged:
@@ -499,7 +508,7 @@ def _exploding(ctx: _Context) -> list[Finding]:
             else:
                 if not math.isfinite(peak[i]):
                     continue
-                if m.fan_in and math.isfinite(ctx.he_scale[i]) and ctx.he_scale[i] < th.small_weight_factor / math.sqrt(2.0):
+                if ctx.near_zero[i]:
                     continue
                 sgd_step = (not scale_invariant_opt) and isinstance(lr, int | float) and peak[i] * lr >= th.exploding_update_ratio
                 big = peak[i] >= th.exploding_critical_grad_to_weight and (

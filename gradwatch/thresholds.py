@@ -60,7 +60,8 @@ class Thresholds:
         spike_ratio: ... and it must also be this many times that median (both: see ``gradwatch.spikes``).
         spike_total_ratio: ... and the step's total norm this many times its own trailing median.
         spike_baseline: trailing steps forming each step's baseline.
-        spike_min_baseline: steps with fewer finite baseline values are not judged (the run's start).
+        spike_min_baseline: steps with fewer finite baseline values are not judged: the run's start, where
+            norms still trend as learning begins, is judged only once a full baseline window exists.
         spike_lookback: steps before the diagnosis window in which spikes are also counted (first spike,
             recurrence); a finding still needs a spike inside the window.
         underflow_zero_rise: fp16 underflow: a layer's exactly-zero gradient fraction risen by at least this
@@ -98,7 +99,7 @@ class Thresholds:
     spike_ratio: float = 10.0
     spike_total_ratio: float = 2.0
     spike_baseline: int = 50
-    spike_min_baseline: int = 20
+    spike_min_baseline: int = 50
     spike_lookback: int = 200
     underflow_zero_rise: float = 0.2
     underflow_max_scale: float = 128.0

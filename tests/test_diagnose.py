@@ -345,3 +345,36 @@ def test_per_step_decay_matches_depth_decay_step_by_step(seed: int) -> None:
                 want.append(r is not None and r[0] >= 3.0 and r[1] >= 0.5)
             got = _per_step_decay(logs, min_layers, 3.0, 0.5, sign=sign)
             assert got.tolist() == want
+
+
+def test_a_zero_initialised_bias_only_layer_is_not_exploding() -> None:
+    # a layer owning only an offset (like BERT's ``cls.predictions`` bias) starts at zero: its
+    # grad-to-weight ratio is large by construction, not a sign of explosion (a healthy run)
+    import torch
+    from torch import nn
+
+    import gradwatch
+
+    class Offset(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(n))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.bias
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10), Offset(10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, y = torch.randn(256, 16), torch.randint(0, 10, (256,))
+    with gradwatch.watch(model, slow_stats_every_n=1, activations=False) as w:
+        for t in range(60):
+            i = (t * 32) % 256
+            loss = nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32])
+            loss.backward()
+            w.step(loss)
+            opt.step()
+            opt.zero_grad()
+        diag = w.diagnose()
+    assert not diag.by_kind("exploding"), diag
+    assert "3" in set(w.to_dataframe()["layer"])  # the offset layer was watched (and judged)
