@@ -37,8 +37,6 @@ def main(argv: list[str] | None = None) -> GradWatchTrainerCallback:
     parser.add_argument("--output-dir", default="runs/hf_trainer", help="Trainer output_dir (TensorBoard in runs/)")
     parser.add_argument("--nan-at-step", type=int, default=0, help="make one layer's gradient NaN at this step")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("gradwatch").setLevel(logging.INFO)
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=SEQ, vocab_size=VOCAB,
@@ -64,4 +62,7 @@ def main(argv: list[str] | None = None) -> GradWatchTrainerCallback:
 
 
 if __name__ == "__main__":
+    # logging is configured by the script, not by main(): a caller's own logging setup stays untouched
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gradwatch").setLevel(logging.INFO)
     main()
