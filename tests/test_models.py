@@ -160,7 +160,7 @@ def test_register_model_adds_a_case_and_refuses_duplicates():
         with pytest.raises(ValueError, match="already registered"):
             models.register_model(tiny_test_case)
     finally:
-        models._REGISTRY.pop("tiny_test_case")
+        models.registry._REGISTRY.pop("tiny_test_case")
 
 
 def test_reference_case_validates_its_fields():
