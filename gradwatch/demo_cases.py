@@ -130,8 +130,8 @@ def train_watched(
 ) -> RunResult:
     """Train ``case.model`` for ``steps`` steps under :func:`gradwatch.watch` and diagnose it.
 
-    The loop is the plain one of :func:`gradwatch.models.train` (same batches, clipping when the
-    case asks for it): forward, loss, backward, ``watcher.step(loss)``, optimizer step. The watcher
+    The loop is :func:`gradwatch.models.train` (same batches, clipping when the case asks for it),
+    with ``watcher.step(loss)`` after each backward through its ``on_loss`` hook. The watcher
     is given the optimizer, so it collects right before each ``optimizer.step()`` (after any
     clipping hook installed earlier by a fix) and knows whether the optimizer is scale-invariant.
 
@@ -140,35 +140,26 @@ def train_watched(
         steps: number of training steps.
         optimizer: the optimizer (default: a new ``case.make_optimizer()``).
         log_dir: TensorBoard directory for this run, or ``None`` for none.
-        on_step: called with ``(step, loss)`` after every step (progress display).
+        on_step: called with ``(step, loss)`` once per step, after backward (progress display).
         histogram_every_n_steps: TensorBoard histogram cadence in steps.
 
     Returns:
         The :class:`RunResult`.
     """
     optimizer = case.make_optimizer() if optimizer is None else optimizer
-    model = case.model
-    model.train()
     start = time.perf_counter()
-    losses: list[float] = []
     watcher = gradwatch.watch(
-        model, optimizer=optimizer, log_dir=None if log_dir is None else str(log_dir),
+        case.model, optimizer=optimizer, log_dir=None if log_dir is None else str(log_dir),
         histogram_every_n_steps=histogram_every_n_steps, figure_every_n_steps=0, name=case.name,
     )
+
+    def on_loss(step: int, loss: torch.Tensor) -> None:
+        watcher.step(loss)
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+
     try:
-        for step in range(steps):
-            inputs, targets = case.batch(step)
-            loss = case.loss_fn(model(inputs), targets)
-            loss.backward()
-            watcher.step(loss)
-            if case.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            losses.append(value)
-            if on_step is not None:
-                on_step(step, value)
+        losses = models.train(case, steps, optimizer=optimizer, on_loss=on_loss)
         diagnosis = watcher.diagnose()
     finally:
         watcher.close()

@@ -289,6 +289,15 @@ def test_train_is_deterministic_and_calls_the_hook_with_gradients():
     assert all(p.grad is None for p in case.model.parameters())  # zero_grad(set_to_none) after each step
 
 
+def test_train_hands_each_loss_to_on_loss_before_on_backward():
+    calls = []
+    case = models.create("shallow_relu_mlp", seed=0)
+    losses = models.train(case, 3, start_step=2, on_backward=lambda step: calls.append(("backward", step)),
+                          on_loss=lambda step, loss: calls.append(("loss", step, float(loss.detach()), loss.requires_grad)))
+    assert calls == [c for step, value in zip(range(2, 5), losses, strict=True)
+                     for c in (("loss", step, value, True), ("backward", step))]
+
+
 def test_train_resumes_with_the_next_batches_and_a_given_optimizer():
     whole_case = models.create("shallow_relu_mlp", seed=0)
     whole = models.train(whole_case, 6)

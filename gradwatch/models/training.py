@@ -17,13 +17,15 @@ def train(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     on_backward: Callable[[int], None] | None = None,
+    on_loss: Callable[[int, Tensor], None] | None = None,
     start_step: int = 0,
 ) -> list[float]:
     """Train ``case.model`` with a plain loop and return the loss of every step.
 
-    Each step: forward, loss, backward, ``on_backward(step)`` (where a watcher reads the
-    gradients), clipping if ``case.clip_grad_norm`` is set, ``optimizer.step()``,
-    ``optimizer.zero_grad()``. Losses are kept on the device and copied to the host once, at the
+    Each step: forward, loss, backward, ``on_loss(step, loss)`` and ``on_backward(step)`` (where
+    a watcher reads the gradients), clipping if ``case.clip_grad_norm`` is set, ``optimizer.step()``,
+    ``optimizer.zero_grad()``. This is the one training loop of the reference cases: the demo and
+    the acceptance tests run it too, with a watcher stepped from ``on_loss``. Losses are kept on the device and copied to the host once, at the
     end. No randomness is consumed, so the same case and seed give the same losses.
 
     These models are tiny: on a shared CPU, ``torch.set_num_threads(1)`` is often several times
@@ -35,6 +37,8 @@ def train(
         optimizer: the optimizer to step (pass it to keep its state across calls, or to let a
             watcher hook it). Default: a new ``case.make_optimizer()``.
         on_backward: called with the step index after ``backward()``, before the update.
+        on_loss: called with the step index and the step's loss (a scalar tensor) after
+            ``backward()``, before ``on_backward`` (e.g. ``lambda step, loss: watcher.step(loss)``).
         start_step: index of the first step, so that a resumed run continues with the next
             batches. Default: ``0``.
 
@@ -50,6 +54,8 @@ def train(
         inputs, targets = case.batch(step)
         loss = case.loss_fn(model(inputs), targets)
         loss.backward()
+        if on_loss is not None:
+            on_loss(step, loss)
         if on_backward is not None:
             on_backward(step)
         if case.clip_grad_norm is not None:
