@@ -139,6 +139,12 @@ def test_registry_lists_every_required_case_sorted():
     assert models.list_models("*rnn*") == ["exploding_rnn", "exploding_rnn_fixed", "vanilla_rnn", "vanilla_rnn_fixed"]
 
 
+def test_the_package_exports_its_names_and_every_registered_factory():
+    assert all(hasattr(models, name) for name in models.__all__)
+    for name in NAMES:
+        assert name in models.__all__ and getattr(models, name).__name__ == name
+
+
 def test_unknown_name_is_an_error_naming_the_available_models():
     with pytest.raises(ValueError, match="'nope'.*sigmoid_mlp"):
         models.create("nope")
@@ -160,7 +166,34 @@ def test_register_model_adds_a_case_and_refuses_duplicates():
         with pytest.raises(ValueError, match="already registered"):
             models.register_model(tiny_test_case)
     finally:
-        models._REGISTRY.pop("tiny_test_case")
+        models.registry._REGISTRY.pop("tiny_test_case")
+
+
+def test_register_twins_adds_a_problem_and_its_linked_twin_from_one_builder():
+    def build(seed: int, fixed: bool) -> models.Setup:
+        data = tasks.teacher_classification(torch.Generator().manual_seed(seed), n=64)
+        model = nn.Sequential(nn.Linear(16, 8), nn.ReLU() if fixed else nn.Sigmoid(), nn.Linear(8, 4))
+        return models.Setup(model, data, lambda p: torch.optim.SGD(p, lr=0.1), batch_size=16, default_steps=2)
+
+    problem, fixed = models.register_twins(
+        "tiny_pair", build, problem="vanishing", cure=("swap_activation",), summaries=("sick", "well"),
+        description="the problem", fixed_description="the twin",
+    )
+    try:
+        assert (problem.__name__, fixed.__name__, problem.__doc__, fixed.__doc__) == (
+            "tiny_pair", "tiny_pair_fixed", "sick", "well")
+        assert models.list_models("tiny_pair*") == ["tiny_pair", "tiny_pair_fixed"]
+        sick, well = models.create("tiny_pair", seed=2), models.create("tiny_pair_fixed", seed=2)
+        assert (sick.problem, sick.twin, sick.cure, sick.description, sick.seed) == (
+            "vanishing", "tiny_pair_fixed", ("swap_activation",), "the problem", 2)
+        assert (well.problem, well.twin, well.cure, well.description) == (
+            None, "tiny_pair", ("swap_activation",), "the twin")
+        assert isinstance(sick.model[1], nn.Sigmoid) and isinstance(well.model[1], nn.ReLU)
+        assert torch.equal(sick.inputs, well.inputs) and torch.equal(sick.model[0].weight, well.model[0].weight)
+        assert len(models.train(well)) == 2
+    finally:
+        for name in ("tiny_pair", "tiny_pair_fixed"):
+            models.registry._REGISTRY.pop(name)
 
 
 def test_reference_case_validates_its_fields():
@@ -254,6 +287,15 @@ def test_train_is_deterministic_and_calls_the_hook_with_gradients():
     assert losses == again and len(losses) == 5 and all(isinstance(v, float) for v in losses)
     assert seen == [(i, True) for i in range(5)]
     assert all(p.grad is None for p in case.model.parameters())  # zero_grad(set_to_none) after each step
+
+
+def test_train_hands_each_loss_to_on_loss_before_on_backward():
+    calls = []
+    case = models.create("shallow_relu_mlp", seed=0)
+    losses = models.train(case, 3, start_step=2, on_backward=lambda step: calls.append(("backward", step)),
+                          on_loss=lambda step, loss: calls.append(("loss", step, float(loss.detach()), loss.requires_grad)))
+    assert calls == [c for step, value in zip(range(2, 5), losses, strict=True)
+                     for c in (("loss", step, value, True), ("backward", step))]
 
 
 def test_train_resumes_with_the_next_batches_and_a_given_optimizer():

@@ -28,21 +28,10 @@ PROBLEM_CASES = [name for name in models.list_models() if models.create(name).pr
 
 
 def train_watched(case: models.ReferenceCase, optimizer: torch.optim.Optimizer) -> tuple[gradwatch.Diagnosis, float]:
-    model = case.model
-    losses = []
-    with gradwatch.watch(model, optimizer=optimizer) as watcher:
-        for step in range(case.default_steps):
-            inputs, targets = case.batch(step)
-            loss = case.loss_fn(model(inputs), targets)
-            loss.backward()
-            watcher.step(loss)
-            if case.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+    with gradwatch.watch(case.model, optimizer=optimizer) as watcher:
+        losses = models.train(case, optimizer=optimizer, on_loss=lambda step, loss: watcher.step(loss))
         diagnosis = watcher.diagnose()
-    return diagnosis, models.final_loss(torch.stack(losses).tolist())
+    return diagnosis, models.final_loss(losses)
 
 
 @functools.cache
