@@ -18,7 +18,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from gradwatch.findings import Finding
 from gradwatch.fixes import ops as ops_mod
 from gradwatch.fixes import optim as optim_mod
 from gradwatch.fixes import paths
+from gradwatch.fixes.facts import FixFacts
 from gradwatch.fixes.record import Change
 from gradwatch.fixes.topology import Topology
 from gradwatch.layers import ROOT_NAME, activation_kind, named_modules, unwrap_model
@@ -153,25 +154,14 @@ class FixContext:
             return None
 
 
-class Fix(ABC):
+class Fix(FixFacts, ABC):
     """Base class of every fix; subclasses register with :func:`~gradwatch.fixes.registry.register_fix`.
 
-    Subclasses set ``name``, ``structural`` and ``kinds`` (the finding kinds they treat),
+    Subclasses declare their facts as class attributes (:class:`~gradwatch.fixes.facts.FixFacts`:
+    ``name``, ``effect``, ``kinds``, ``why``, ``opt_in``, ``preflight``, ``caps_gradients``),
     validate their options in ``__init__`` (unknown options are an error), and implement
-    :meth:`plan`; in-place fixes also implement :meth:`execute`.
+    :meth:`plan`; fixes that are not structural also implement :meth:`execute`.
     """
-
-    name: ClassVar[str]
-    structural: ClassVar[bool] = False
-    kinds: ClassVar[tuple[str, ...]] = ()
-    #: Why the fix helps, per finding kind (for the record when the finding gives no reason).
-    why: ClassVar[dict[str, str]] = {}
-    #: Opt-in fixes are applied only when named (``apply_fixes(only=[...])``, ``auto_fix=[...]``),
-    #: never by the default policy: they change how training proceeds, not the model.
-    opt_in: ClassVar[bool] = False
-    #: Whether :func:`gradwatch.preflight` applies it by default (it changes the model itself, best
-    #: before training). Fixes listed in ``gradwatch.preflight.PREFLIGHT_FIXES`` are applied too.
-    preflight: ClassVar[bool] = False
 
     def options(self) -> dict[str, Any]:
         """The fix's options, as plain data (for the record)."""

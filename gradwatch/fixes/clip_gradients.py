@@ -52,8 +52,15 @@ class ClipGradients(Fix):
     """
 
     name = "clip_gradients"
-    structural = False
+    effect = "training"
     kinds = ("exploding", "nonfinite", "spike")
+    caps_gradients = True
+    why = {
+        "exploding": "clipping caps the global gradient norm so one bad batch cannot blow up the weights",
+        "nonfinite": "clipping caps the large gradients that usually precede inf/NaN",
+        "spike": "clipping at the run's own robust upper bound of the total norm caps the spike and leaves "
+                 "ordinary steps alone",
+    }
 
     def __init__(
         self,

@@ -72,8 +72,17 @@ class HeInit(Fix):
     """
 
     name = "he_init"
-    structural = False
+    effect = "weights"
     kinds = ("vanishing", "exploding", "dead_units", "saturation")
+    preflight = True
+    why = {
+        "vanishing": "re-initialise at He/Xavier scale so each layer preserves signal variance forward and backward",
+        "exploding": "the weights are {scale:.1f}x the He scale: re-initialising removes the cause (clipping would "
+                     "only mask it)",
+        "dead_units": "re-initialising the feeding layer (biases zeroed) revives units whose pre-activation is negative"
+                      " for every input",
+        "saturation": "Xavier-scale weights keep pre-activations of sigmoid/tanh near their linear range",
+    }
 
     def __init__(self, nonlinearity: str = "auto", negative_slope: float | None = None):
         if nonlinearity not in NONLINEARITIES:

@@ -86,8 +86,14 @@ class InsertBatchNorm(Fix):
     """
 
     name = "insert_batchnorm"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing", "exploding", "saturation", "dead_units")
+    preflight = True
+    why = {
+        "vanishing": "normalising pre-activations keeps them in the non-saturated, unit-variance range at every depth",
+        "exploding": "normalisation stops the forward signal from growing layer after layer",
+        "saturation": "normalising pre-activations moves them back into the sensitive range",
+    }
 
     def __init__(self, init: str = "auto", eps: float = 1e-5, momentum: float | None = 0.1):
         if init not in INITS:

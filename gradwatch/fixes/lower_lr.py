@@ -56,8 +56,16 @@ class LowerLR(Fix):
     """
 
     name = "lower_lr"
-    structural = False
+    effect = "advice"
     kinds = ("exploding", "nonfinite", "dead_units", "spike")
+    why = {
+        "exploding": "a smaller learning rate shrinks each update relative to the weights",
+        "nonfinite": "a smaller learning rate keeps weights from overflowing; also check inputs and the loss for "
+                     "NaN/inf",
+        "dead_units": "large updates are the usual way units are knocked into the dead region",
+        "spike": "a smaller peak learning rate (or a longer warm-up) keeps one bad batch from moving the weights "
+                 "far; under Adam a spike after a quiet stretch meets a decayed second moment and is not damped",
+    }
 
     def __init__(self, factor: float | None = None):
         if factor is not None and not 0.0 < float(factor) < 1.0:

@@ -69,9 +69,12 @@ class LstmGru(Fix):
     """
 
     name = "lstm_gru"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing", "exploding")
+    preflight = True
     why = {
+        "vanishing": "gated recurrences (LSTM/GRU) carry gradients through time additively instead of "
+                     "through repeated tanh/weight products",
         "exploding": "gated cells (GRU/LSTM) set their gain through time with learnt gates instead of a fixed "
                      "recurrent matrix, so the state and its gradient do not grow step after step",
     }

@@ -58,7 +58,7 @@ class RecurrentInit(Fix):
     """
 
     name = "recurrent_init"
-    structural = False
+    effect = "weights"
     kinds = ("exploding", "nonfinite")
     preflight = True
     why = {

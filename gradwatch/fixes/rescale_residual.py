@@ -53,7 +53,7 @@ class RescaleResidual(Fix):
     """
 
     name = "rescale_residual"
-    structural = False
+    effect = "weights"
     kinds = ("exploding", "nonfinite")
     preflight = True
     why = {

@@ -47,8 +47,12 @@ class ResidualWrap(Fix):
     """
 
     name = "residual"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing",)
+    preflight = True
+    why = {
+        "vanishing": "identity skip connections give gradients a path that bypasses the decaying chain",
+    }
 
     def __init__(self, alpha_init: float = 0.0):
         self.alpha_init = float(alpha_init)

@@ -155,8 +155,12 @@ class SkipSpikes(Fix):
     """
 
     name = "skip_spikes"
-    structural = False
+    effect = "training"
     kinds = ("spike",)
+    why = {
+        "spike": "opt-in: skip the optimizer update on a step whose gradient norm is a spike (optimizer state "
+                 "untouched, every skip recorded)",
+    }
     opt_in = True
 
     def __init__(self, z: float = 6.0, ratio: float = 10.0, window: int = 50, min_baseline: int = 20,

@@ -74,8 +74,15 @@ class SwapActivation(Fix):
     """
 
     name = "swap_activation"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing", "saturation", "dead_units")
+    preflight = True
+    why = {
+        "vanishing": "saturating activations ({acts}) have derivatives <= 0.25 (sigmoid) or near 0 when saturated; "
+                     "ReLU-family passes gradients unchanged for active units",
+        "dead_units": "LeakyReLU keeps a small gradient for negative inputs, so units cannot die",
+        "saturation": "ReLU-family activations do not saturate for positive inputs",
+    }
 
     def __init__(self, to: str | None = None, negative_slope: float = 0.01):
         if to is not None and to not in TARGETS:
