@@ -29,7 +29,7 @@ recurrent_init      orthogonal ``W_hh`` for ``nn.RNN`` layers whose spectral    
                     radius is above 1
 ==================  ==========================================================  ===========
 
-The entry points: :func:`apply_fixes` (policy and record), :func:`replay` (rebuild a fixed
+The entry points: :func:`apply_fixes` (policy and report), :func:`replay` (rebuild a fixed
 model's structure on a fresh instance so its checkpoint loads strictly), :func:`snapshot`
 (roll a model and its optimizer back bit for bit).
 
@@ -74,7 +74,7 @@ from gradwatch.fixes.base import Applicability, Fix, FixContext, Plan
 from gradwatch.fixes.clipping import GradientClipper, attached_clippers
 from gradwatch.fixes.facts import Effect
 from gradwatch.fixes.modules import ChannelLastBatchNorm, LSTMAsRNN, Residual, keep_gate_bias_
-from gradwatch.fixes.ops import RecordError
+from gradwatch.fixes.ops import FixReportError, RecordError
 from gradwatch.fixes.record import Change, FixReport
 from gradwatch.fixes.registry import get_fix, list_fixes, register_fix, unregister_fix
 from gradwatch.fixes.replay import replay
@@ -88,6 +88,7 @@ __all__ = [
     "Fix",
     "FixContext",
     "FixReport",
+    "FixReportError",
     "GradientClipper",
     "LSTMAsRNN",
     "Plan",

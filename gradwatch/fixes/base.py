@@ -1,4 +1,4 @@
-"""What every fix is: a name, ``applies`` (and why not), ``apply`` (a record), ``code`` (a snippet).
+"""What every fix is: a name, ``applies`` (and why not), ``apply`` (a :class:`Change`), ``code`` (a snippet).
 
 A fix first *plans* (pure: looks at the model, the finding and the observed forward pass,
 changes nothing), then *executes* the plan. ``applies``, ``code`` and a dry run only plan, so
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,20 @@ def call_model(model: nn.Module, example_input: ExampleInput) -> Any:
     return model(example_input)
 
 
+def number_option(label: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
+    """A fix option that must be a number (not a bool) in an interval, as a float.
+
+    Raises:
+        ValueError: naming ``label`` (``"fix: option"``), the value and the interval.
+    """
+    inside = isinstance(value, int | float) and not isinstance(value, bool) and \
+        (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{label}={value!r}; allowed: a number in {interval}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Applicability:
     """Whether a fix applies; falsy with ``reason`` saying why not."""
@@ -67,9 +81,9 @@ class Plan:
         reason: why it applies, or (when ``targets`` is empty) why it does not.
         ops: structural operations (empty for in-place fixes).
         code: copy-pasteable Python; imports: the imports it needs.
-        details: numbers for the record.
+        details: numbers for the report.
         recommend_only: advice, nothing to execute (``lower_lr``).
-        private: values for ``execute`` that do not belong in the record.
+        private: values for ``execute`` that do not belong in the report.
     """
 
     targets: list[str] = field(default_factory=list)
@@ -85,6 +99,10 @@ class Plan:
     @property
     def ok(self) -> bool:
         return bool(self.targets) or self.recommend_only
+
+    def refusals(self, when_none: str = "the finding names no layers") -> str:
+        """Why each named module was refused, for the reason of a plan with no target."""
+        return "; ".join(f"{n}: {r}" for n, r in self.refused.items()) or when_none
 
 
 class FixContext:
@@ -164,22 +182,53 @@ class Fix(FixFacts, ABC):
     """
 
     def options(self) -> dict[str, Any]:
-        """The fix's options, as plain data (for the record)."""
+        """The fix's options, as plain data (for the report)."""
         return {}
 
     @abstractmethod
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
-        """What the fix would do for ``finding`` (or for the explicit ``targets``); changes nothing."""
+        """What the fix would do for ``finding`` (or for the explicit ``targets``); changes nothing.
+
+        Called only for findings of a kind the fix treats (``kinds``): :meth:`planned` refuses the others.
+        """
+
+    def planned(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
+        """:meth:`plan`, behind the check every fix shares: a finding of another kind is refused."""
+        if finding.kind not in self.kinds:
+            return Plan(reason=self.why_not.get(finding.kind)
+                        or f"{self.name} treats {self.kinds} findings, not {finding.kind!r}")
+        return self.plan(ctx, finding, targets)
+
+    def untreated_modules(
+        self, ctx: FixContext, names: Sequence[str], plan: Plan, already: str
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, module)`` for the named modules that exist and this fix has not handled yet in ``ctx``;
+        the others are refused on ``plan`` (``already`` says why for those handled before)."""
+        for name in names:
+            module = ctx.modules.get(name)
+            if module is None:
+                plan.refused[name] = "no module of that name in the model"
+            elif (self.name, name) in ctx.done:
+                plan.refused[name] = already
+            else:
+                yield name, module
+
+    def module_now(self, ctx: FixContext, name: str) -> nn.Module:
+        """The module the plan named ``name``, where it is now (the plan checked that it exists)."""
+        module = ctx.current_module(name)
+        if module is None:  # pragma: no cover - plan checked it exists
+            raise LookupError(f"{self.name}: {name!r} vanished from the model")
+        return module
 
     def applies(self, ctx: FixContext, finding: Finding) -> Applicability:
         """Whether the fix can act on ``finding``; the reason says why not when it cannot."""
-        plan = self.plan(ctx, finding)
+        plan = self.planned(ctx, finding)
         return Applicability(plan.ok, plan.reason)
 
     def code(self, ctx: FixContext, finding: Finding) -> list[str]:
         """Copy-pasteable Python doing the fix on the user's own ``model`` (empty if it does not apply,
         unless the fix has advice to give as code, like clipping without an optimizer)."""
-        plan = self.plan(ctx, finding)
+        plan = self.planned(ctx, finding)
         return plan.imports + plan.code if plan.code else []
 
     def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
@@ -207,13 +256,13 @@ class Fix(FixFacts, ABC):
         targets: Sequence[str] | None = None,
         dry_run: bool = False,
     ) -> Change:
-        """Plan and (unless ``dry_run``) execute the fix; returns the record of what changed.
+        """Plan and (unless ``dry_run``) execute the fix; returns the :class:`Change` saying what changed.
 
         A refusal (``status="refused"``) changes nothing. Structural fixes refuse a model wrapped
         in DistributedDataParallel (the wrapper would not see new parameters: apply them before
         wrapping).
         """
-        plan = self.plan(ctx, finding, targets)
+        plan = self.planned(ctx, finding, targets)
         change = Change(
             fix=self.name,
             finding=finding.kind,

@@ -28,6 +28,8 @@ class FixFacts:
         kinds: the finding kinds it treats.
         why: why it helps, per finding kind: the reason a diagnosis prints next to it. May hold
             ``str.format`` fields the diagnosis fills from its evidence (``{acts}``, ``{scale}``).
+        why_not: why it refuses a finding kind it does not treat, where a kind deserves more than
+            "treats ... findings, not ...".
         opt_in: applied only when named (``apply_fixes(only=[...])``, ``auto_fix=[...]``), never
             by the default policy: it changes how training proceeds, not the model.
         preflight: :func:`gradwatch.preflight` applies it by default (it changes the model itself,
@@ -41,6 +43,7 @@ class FixFacts:
     effect: ClassVar[Effect]
     kinds: ClassVar[tuple[str, ...]] = ()
     why: ClassVar[dict[str, str]] = {}
+    why_not: ClassVar[dict[str, str]] = {}
     opt_in: ClassVar[bool] = False
     preflight: ClassVar[bool] = False
     caps_gradients: ClassVar[bool] = False

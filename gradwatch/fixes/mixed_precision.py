@@ -31,9 +31,6 @@ class MixedPrecision(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"mixed_precision treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         scale = finding.evidence.get("loss_scale")
         plan.recommend_only = True
         plan.details = {"loss_scale": scale}

@@ -174,9 +174,6 @@ class SkipSpikes(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"skip_spikes treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         plan.imports = ["from gradwatch.fixes.skip_spikes import SpikeSkipper"]
         plan.code = [f"skipper = SpikeSkipper({', '.join(f'{k}={v!r}' for k, v in self._options.items())}).attach(optimizer)"]
         if ctx.optimizer is None:
