@@ -12,29 +12,64 @@ The :class:`AutoFixer` rides on a watcher's step callbacks:
    its gradient altogether — silencing a layer also "removes" its vanishing). Worse: restore the
    snapshot (the fix and the verification window are undone) — recorded either way.
 
-Clipping is verified like every other fix: once the probe cycle is over, a diagnosis whose exploding,
-non-finite or spike finding recommends ``clip_gradients`` (under an Adam-like optimizer, which is
-invariant to gradient scale, only where it ranks first) installs it with a snapshot, trains ``verify_steps``
-and removes it again (model and optimizer restored) when the loss or the gradient flow got worse.
+Fixes that cap gradients (``Fix.caps_gradients``: ``clip_gradients``) are verified like every other fix,
+on a cycle of their own: once the probe cycle is over, a diagnosis whose finding of a kind they treat
+recommends one (under an Adam-like optimizer, which is invariant to gradient scale, only where it ranks
+first) installs it with a snapshot, trains ``verify_steps`` and removes it again (model and optimizer
+restored) when the loss or the gradient flow got worse.
+
+The auto-fixer drives any :class:`FixableRun` (a :class:`~gradwatch.GradWatcher` is one): it does not
+import the watcher module, which creates it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
+import torch
+from torch import nn
 
 from gradwatch.findings import Diagnosis
-
-if TYPE_CHECKING:
-    from gradwatch.watcher import GradWatcher
+from gradwatch.fixes.registry import get_fix_class, gradient_cappers, structural_fixes
+from gradwatch.history import History
+from gradwatch.thresholds import Thresholds
 
 log = logging.getLogger("gradwatch")
 
-STRUCTURAL = ("insert_batchnorm", "residual", "swap_activation", "lstm_gru")
+
+def __getattr__(name: str) -> Any:
+    """``STRUCTURAL``: deprecated, derived from the fixes' ``effect`` (use
+    ``gradwatch.fixes.registry.structural_fixes()``)."""
+    if name == "STRUCTURAL":
+        return structural_fixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class FixableRun(Protocol):
+    """What the auto-fixer needs of a watched run (:class:`~gradwatch.GradWatcher` provides it)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    thresholds: Thresholds
+    collected: int
+    diagnose_every_n_steps: int
+    sinks: list[Any]
+
+    @property
+    def history(self) -> History: ...
+
+    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis: ...
+
+    def add_step_callback(self, fn: Callable[[Any, int], None]) -> None: ...
+
+    def relayer(self) -> None: ...
+
+    def set_scalar(self, name: str, value: float) -> None: ...
 
 
 @dataclass
@@ -52,7 +87,7 @@ class AutoFixEvent:
                 "report": self.report.to_dict() if self.report is not None else None}
 
 
-def _median_loss(watcher: GradWatcher, last: int) -> float:
+def _median_loss(watcher: FixableRun, last: int) -> float:
     loss = watcher.history.view(last=last).loss
     loss = loss[np.isfinite(loss)]
     return float(np.median(loss)) if len(loss) else math.nan
@@ -87,7 +122,7 @@ class AutoFixer:
 
     def __init__(
         self,
-        watcher: GradWatcher,
+        watcher: FixableRun,
         allowed: tuple[str, ...],
         probe_steps: int = 50,
         verify_steps: int = 50,
@@ -100,6 +135,8 @@ class AutoFixer:
                 raise ValueError(f"AutoFixer {name} must be an integer >= 1, got {value!r}")
         self.watcher = watcher
         self.allowed = tuple(allowed)
+        #: the allowed fixes verified on their own cycle, when a finding ranks them (``Fix.caps_gradients``)
+        self._cappers = tuple(n for n in self.allowed if n in gradient_cappers())
         self.probe_steps = probe_steps
         self.verify_steps = verify_steps
         self.loss_tolerance = loss_tolerance
@@ -118,12 +155,12 @@ class AutoFixer:
         watcher.add_step_callback(self.on_step)
 
     # -- the state machine ---------------------------------------------------------------------
-    def on_step(self, watcher: GradWatcher, step: int) -> None:
+    def on_step(self, watcher: FixableRun, step: int) -> None:
         if self.state == "probing" and watcher.collected + 1 >= self.probe_steps:
             self._decide(step)
         elif self.state == "verifying" and watcher.collected + 1 - self._applied_at >= self.verify_steps:
             self._verify(step)
-        if "clip_gradients" in self.allowed and not self._clipping and self.state != "verifying" and \
+        if self._cappers and not self._clipping and self.state != "verifying" and \
                 self.state != "probing" and watcher.diagnose_every_n_steps and \
                 (watcher.collected + 1) % max(1, min(watcher.diagnose_every_n_steps, self.probe_steps)) == 0:
             self._maybe_clip(step)
@@ -133,10 +170,11 @@ class AutoFixer:
 
         w = self.watcher
         diag = self.agree(w.diagnose(w.thresholds.updated(window=self.probe_steps)))
-        structural_or_init = tuple(f for f in self.allowed if f != "clip_gradients")
+        structural_or_init = tuple(f for f in self.allowed if f not in self._cappers)
         if diag.healthy or not structural_or_init:
             self.state = "done"
-            self._event(step, "nothing", "healthy after the probe window" if diag.healthy else "no fix allowed besides clipping")
+            self._event(step, "nothing", "healthy after the probe window" if diag.healthy else
+                        f"no fix allowed besides {', '.join(self._cappers)}")
             return
         self._kinds = {f.kind for f in diag.findings}
         self._before_loss = _median_loss(w, self.probe_steps)
@@ -201,13 +239,14 @@ class AutoFixer:
         diag = self.agree(w.diagnose())
         # under an Adam-like optimizer (invariant to gradient scale) only where clipping ranks first
         scale_invariant = w.history.context.get("optimizer_scale_invariant") is True
-        targeted = [f for f in diag.findings if f.kind in ("exploding", "nonfinite", "spike") and "clip_gradients" in f.fixes
-                    and (f.fixes[0] == "clip_gradients" or not scale_invariant)]
+        targeted = [f for f in diag.findings if any(
+            name in f.fixes and f.kind in get_fix_class(name).kinds and (f.fixes[0] == name or not scale_invariant)
+            for name in self._cappers)]
         if not targeted:
             return
         kinds = {f.kind for f in targeted}
         snap = snapshot(w.model, w.optimizer)
-        report = apply_fixes(w.model, diag, optimizer=w.optimizer, only=["clip_gradients"], options=self.options)
+        report = apply_fixes(w.model, diag, optimizer=w.optimizer, only=self._cappers, options=self.options)
         if not report.changed:
             return
         self._clipping = True  # decided once: kept or rolled back, it is not tried again

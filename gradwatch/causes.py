@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch.fixes.registry import fix_reason
 from gradwatch.history import HistoryView
 from gradwatch.thresholds import Thresholds
 
@@ -313,13 +314,6 @@ def residual_growth(view: HistoryView, chain: Chain, th: Thresholds) -> Residual
                           mean_junction_ratio=float(10 ** np.mean(np.log10(ratios))))
 
 
-def registered_reason(kind: str, fix: str) -> str:
-    """Why ``fix`` treats a ``kind`` finding, as the fix's own class says (``Fix.why``); "" if it does not say."""
-    from gradwatch.fixes.registry import get_fix_class, list_fixes
-
-    return str(get_fix_class(fix).why.get(kind, "")) if fix in list_fixes() else ""
-
-
 @dataclass(frozen=True)
 class Cause:
     """What a rule needs from a compounding cause: the fixes, ranked; the sentence; the fix targets."""
@@ -386,7 +380,7 @@ def attribute_symptoms(findings: list[Any], notes: list[str]) -> list[Any]:
             evidence = {**f.evidence, "cause": explode.evidence.get("cause", ""),
                         "residual_growth": explode.evidence["residual_growth"]}
             f = replace(f, fixes=("rescale_residual", *f.fixes), evidence=evidence,
-                        reasons=(registered_reason("nonfinite", "rescale_residual"), *f.reasons),
+                        reasons=(fix_reason("nonfinite", "rescale_residual"), *f.reasons),
                         message=f.message.rstrip(".") + f"; cause: {explode.evidence.get('cause', '')}.")
         if compound is not None and f.kind == "dead_units":
             feeding = set(f.evidence.get("feeding_layers", ()))

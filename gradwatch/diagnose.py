@@ -28,6 +28,7 @@ import numpy as np
 
 from gradwatch import causes, provenance
 from gradwatch.findings import Diagnosis, Finding, LayerRow
+from gradwatch.fixes.registry import fix_reason
 from gradwatch.history import HistoryView
 from gradwatch.precision import underflow_findings
 from gradwatch.spikes import spike_findings
@@ -35,25 +36,6 @@ from gradwatch.thresholds import Thresholds
 
 _EXCLUDED_FROM_DEPTH = ("Embedding", "EmbeddingBag")
 _RECURRENT = ("RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell")
-_FIX_REASONS = {
-    ("vanishing", "swap_activation"): "saturating activations ({acts}) have derivatives <= 0.25 (sigmoid) or near 0 when saturated; ReLU-family passes gradients unchanged for active units",
-    ("vanishing", "he_init"): "re-initialise at He/Xavier scale so each layer preserves signal variance forward and backward",
-    ("vanishing", "insert_batchnorm"): "normalising pre-activations keeps them in the non-saturated, unit-variance range at every depth",
-    ("vanishing", "residual"): "identity skip connections give gradients a path that bypasses the decaying chain",
-    ("vanishing", "lstm_gru"): "gated recurrences (LSTM/GRU) carry gradients through time additively instead of through repeated tanh/weight products",
-    ("exploding", "he_init"): "the weights are {scale:.1f}x the He scale: re-initialising removes the cause (clipping would only mask it)",
-    ("exploding", "insert_batchnorm"): "normalisation stops the forward signal from growing layer after layer",
-    ("exploding", "clip_gradients"): "clipping caps the global gradient norm so one bad batch cannot blow up the weights",
-    ("exploding", "lower_lr"): "a smaller learning rate shrinks each update relative to the weights",
-    ("nonfinite", "clip_gradients"): "clipping caps the large gradients that usually precede inf/NaN",
-    ("nonfinite", "lower_lr"): "a smaller learning rate keeps weights from overflowing; also check inputs and the loss for NaN/inf",
-    ("dead_units", "he_init"): "re-initialising the feeding layer (biases zeroed) revives units whose pre-activation is negative for every input",
-    ("dead_units", "swap_activation"): "LeakyReLU keeps a small gradient for negative inputs, so units cannot die",
-    ("dead_units", "lower_lr"): "large updates are the usual way units are knocked into the dead region",
-    ("saturation", "swap_activation"): "ReLU-family activations do not saturate for positive inputs",
-    ("saturation", "insert_batchnorm"): "normalising pre-activations moves them back into the sensitive range",
-    ("saturation", "he_init"): "Xavier-scale weights keep pre-activations of sigmoid/tanh near their linear range",
-}
 
 
 def _nanmedian(a: np.ndarray, axis: int | None = None) -> Any:
@@ -240,7 +222,7 @@ def _fmt(x: float) -> str:
 def _reasons(kind: str, fixes: Sequence[str], **fmt: Any) -> tuple[str, ...]:
     out = []
     for f in fixes:
-        text = _FIX_REASONS.get((kind, f)) or causes.registered_reason(kind, f)
+        text = fix_reason(kind, f)
         try:
             out.append(text.format(**fmt))
         except (KeyError, ValueError):

@@ -15,19 +15,27 @@ Severity = Literal["warning", "critical"]
 
 FINDING_KINDS: tuple[str, ...] = ("nonfinite", "exploding", "vanishing", "dead_units", "saturation", "spike", "underflow")
 SEVERITIES: tuple[str, ...] = ("warning", "critical")
-FIX_NAMES: tuple[str, ...] = (
-    "clip_gradients",
-    "he_init",
-    "insert_batchnorm",
-    "residual",
-    "swap_activation",
-    "lstm_gru",
-    "lower_lr",
-    "skip_spikes",
-    "mixed_precision",
-    "rescale_residual",
-    "recurrent_init",
-)
+
+
+def __getattr__(name: str) -> Any:
+    """``FIX_NAMES``: deprecated, derived from the fix registry (use ``gradwatch.fixes.list_fixes()``)."""
+    if name == "FIX_NAMES":
+        from gradwatch.fixes.registry import list_fixes
+
+        return tuple(list_fixes())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_fix_names(names: tuple[str, ...]) -> None:
+    """Fix names are checked against the registry, imported on first use: this module stays torch-free."""
+    if not names:
+        return
+    from gradwatch.fixes.registry import list_fixes
+
+    known = list_fixes()
+    unknown = [f for f in names if f not in known]
+    if unknown:
+        raise ValueError(f"unknown fix names {unknown}; allowed: {tuple(known)}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,7 @@ class Finding:
             raise ValueError(f"Finding.kind={self.kind!r} is not one of {FINDING_KINDS}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"Finding.severity={self.severity!r} is not one of {SEVERITIES}")
-        unknown = [f for f in self.fixes if f not in FIX_NAMES]
-        if unknown:
-            raise ValueError(f"unknown fix names {unknown}; allowed: {FIX_NAMES}")
+        _check_fix_names(tuple(self.fixes))
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "fixes", tuple(self.fixes))
         object.__setattr__(self, "reasons", tuple(self.reasons))

@@ -18,15 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gradwatch.findings import Finding
+from gradwatch.fixes.registry import fix_reason
 
 if TYPE_CHECKING:
     from gradwatch.history import HistoryView
     from gradwatch.thresholds import Thresholds
-
-REASONS = {
-    "mixed_precision": "bfloat16 has float32's range (nothing underflows, no loss scaling needed); or a GradScaler "
-                       "that starts higher and grows back sooner keeps small gradients representable",
-}
 
 
 def underflow_findings(view: HistoryView, th: Thresholds) -> list[Finding]:
@@ -65,5 +61,5 @@ def underflow_findings(view: HistoryView, th: Thresholds) -> list[Finding]:
                   "lowest_zero_frac": {view.layers[i]: round(float(low[i]), 4) for i in hit},
                   "overflow_steps": overflow_steps, "window_steps": [int(view.steps[0]), int(view.steps[-1])]},
         fixes=fixes,
-        reasons=tuple(REASONS[f] for f in fixes),
+        reasons=tuple(fix_reason("underflow", f) for f in fixes),
     )]

@@ -16,16 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch.findings import FIX_NAMES, Diagnosis
+from gradwatch.findings import Diagnosis
+from gradwatch.fixes.registry import list_fixes, preflight_fixes
 from gradwatch.thresholds import Thresholds
 
 log = logging.getLogger("gradwatch")
 
-#: What preflight applies by default: fixes that change the model itself (clipping and
-#: learning-rate advice belong to training time).
-PREFLIGHT_FIXES: tuple[str, ...] = ("swap_activation", "he_init", "insert_batchnorm", "residual", "lstm_gru")
-
 Batch = Any
+
+
+def __getattr__(name: str) -> Any:
+    """``PREFLIGHT_FIXES``: deprecated, derived from the fixes' ``preflight`` flag (use
+    ``gradwatch.fixes.registry.preflight_fixes()``)."""
+    if name == "PREFLIGHT_FIXES":
+        return preflight_fixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -118,9 +123,9 @@ def preflight(
         batch: an ``(inputs, target)`` pair or a list of them; ``loss_fn(model(inputs), target)``.
         loss_fn: returns a scalar loss tensor.
         optimizer: if it already exists, new parameters are added to it (else build it after).
-        fix: ``True`` (the fixes that change the model: ``PREFLIGHT_FIXES`` and registered fixes whose
-            class sets ``preflight = True``), ``False`` (recommend
-            only: the report is a dry run with copy-pasteable code) or a list of fix names.
+        fix: ``True`` (the fixes that change the model: those whose class sets ``preflight = True``,
+            see :func:`~gradwatch.fixes.registry.preflight_fixes`), ``False`` (recommend only: the
+            report is a dry run with copy-pasteable code) or a list of fix names.
         steps: forward/backward passes to probe (no optimizer step is taken).
         thresholds: diagnosis thresholds (the window is set to ``steps``).
         options: per-fix options for ``apply_fixes``.
@@ -135,17 +140,14 @@ def preflight(
     from gradwatch.fixes import apply_fixes
 
     if fix is True:
-        from gradwatch.fixes.registry import get_fix_class, list_fixes
-
-        allowed: tuple[str, ...] = PREFLIGHT_FIXES + tuple(
-            n for n in list_fixes() if n not in PREFLIGHT_FIXES and get_fix_class(n).preflight)
+        allowed: tuple[str, ...] = preflight_fixes()
     elif fix is False:
         allowed = ()
     else:
         allowed = tuple([fix] if isinstance(fix, str) else fix)
-        unknown = [n for n in allowed if n not in FIX_NAMES]
+        unknown = [n for n in allowed if n not in list_fixes()]
         if unknown:
-            raise ValueError(f"fix: unknown fix name(s) {unknown}; allowed: {FIX_NAMES}")
+            raise ValueError(f"fix: unknown fix name(s) {unknown}; allowed: {tuple(list_fixes())}")
     diagnosis = probe(model, batch, loss_fn, steps=steps, thresholds=thresholds)
     first = batch[0] if isinstance(batch, list) and batch and isinstance(batch[0], list | tuple) else batch
     inputs, _ = split_batch(first)

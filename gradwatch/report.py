@@ -1,10 +1,76 @@
-"""Plain-text rendering of a :class:`Diagnosis` (what ``str(diagnosis)`` prints)."""
+"""Plain-text rendering of a :class:`~gradwatch.Diagnosis` (what ``str(diagnosis)`` prints).
+
+The renderer reads a diagnosis through the small protocols below rather than importing
+:mod:`gradwatch.findings`, whose ``Diagnosis.__str__`` calls it: data does not depend on its view
+and the view does not depend back.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from gradwatch.findings import Diagnosis, Finding
+
+class ReportedFinding(Protocol):
+    """What the report reads of a :class:`gradwatch.Finding`."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def layers(self) -> tuple[str, ...]: ...
+    @property
+    def severity(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def evidence(self) -> dict[str, Any]: ...
+    @property
+    def fixes(self) -> tuple[str, ...]: ...
+    @property
+    def reasons(self) -> tuple[str, ...]: ...
+
+
+class ReportedRow(Protocol):
+    """What the report reads of a row of the per-layer table (:class:`gradwatch.findings.LayerRow`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def grad_norm(self) -> float: ...
+    @property
+    def grad_mean_abs(self) -> float: ...
+    @property
+    def grad_max_abs(self) -> float: ...
+    @property
+    def grad_to_weight(self) -> float: ...
+    @property
+    def dead_frac(self) -> float: ...
+    @property
+    def saturated_frac(self) -> float: ...
+    @property
+    def flags(self) -> tuple[str, ...]: ...
+
+
+class ReportedDiagnosis(Protocol):
+    """What the report reads of a :class:`gradwatch.Diagnosis`."""
+
+    @property
+    def findings(self) -> Sequence[ReportedFinding]: ...
+    @property
+    def layers(self) -> Sequence[ReportedRow]: ...
+    @property
+    def steps(self) -> tuple[int, int] | None: ...
+    @property
+    def notes(self) -> Sequence[str]: ...
+    @property
+    def code(self) -> str: ...
+    @property
+    def healthy(self) -> bool: ...
 
 
 def _num(x: float) -> str:
@@ -25,7 +91,7 @@ def _evidence_value(value: object) -> str:
     return repr(value)
 
 
-def _finding_lines(f: Finding) -> list[str]:
+def _finding_lines(f: ReportedFinding) -> list[str]:
     layers = ", ".join(f.layers[:8]) + (f" (+{len(f.layers) - 8} more)" if len(f.layers) > 8 else "")
     lines = [f"[{f.severity.upper()}] {f.kind}: {f.message}", f"    layers: {layers}"]
     keys = [k for k in f.evidence if not isinstance(f.evidence[k], dict | list)]
@@ -37,7 +103,7 @@ def _finding_lines(f: Finding) -> list[str]:
     return lines
 
 
-def verdict(diagnosis: Diagnosis) -> str:
+def verdict(diagnosis: ReportedDiagnosis) -> str:
     """One line for training logs: why the run is healthy, or which findings it has in which layers.
 
     Training integrations log this instead of the whole report when the run is healthy: the report's
@@ -53,12 +119,12 @@ def verdict(diagnosis: Diagnosis) -> str:
     return f"gradwatch diagnosis{span}: {kinds}"
 
 
-def for_logs(diagnosis: Diagnosis) -> str:
+def for_logs(diagnosis: ReportedDiagnosis) -> str:
     """What training integrations log: the one-line :func:`verdict` when healthy, else the full report."""
     return verdict(diagnosis) if diagnosis.healthy else render_report(diagnosis)
 
 
-def render_report(diagnosis: Diagnosis, max_layers: int = 60) -> str:
+def render_report(diagnosis: ReportedDiagnosis, max_layers: int = 60) -> str:
     """The readable report: verdict, findings with evidence and fixes, per-layer table in depth order."""
     d = diagnosis
     span = f" (steps {d.steps[0]}-{d.steps[1]})" if d.steps else ""

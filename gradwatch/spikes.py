@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradwatch.findings import Finding
+from gradwatch.fixes.registry import fix_reason
 
 if TYPE_CHECKING:
     from gradwatch.history import HistoryView
@@ -45,15 +46,6 @@ _MAD_TO_SIGMA = 1.4826
 _MAD_FLOOR_DECADES = 0.05
 #: steps after a spike within which a loss spike counts as following it
 _LOSS_FOLLOW_STEPS = 5
-
-REASONS = {
-    "clip_gradients": "clipping at the run's own robust upper bound of the total norm caps the spike and leaves "
-                      "ordinary steps alone",
-    "lower_lr": "a smaller peak learning rate (or a longer warm-up) keeps one bad batch from moving the weights far; "
-                "under Adam a spike after a quiet stretch meets a decayed second moment and is not damped",
-    "skip_spikes": "opt-in: skip the optimizer update on a step whose gradient norm is a spike (optimizer state "
-                   "untouched, every skip recorded)",
-}
 
 
 def _log10(a: np.ndarray) -> np.ndarray:
@@ -209,5 +201,5 @@ def spike_findings(view: HistoryView, th: Thresholds) -> list[Finding]:
                  f"(>= {th.spike_z:g} robust deviations){follow}{again}."),
         evidence=evidence,
         fixes=fixes,
-        reasons=tuple(REASONS[f] for f in fixes),
+        reasons=tuple(fix_reason("spike", f) for f in fixes),
     )]

@@ -312,20 +312,18 @@ class GradWatcher:
     # -- set-up --------------------------------------------------------------------------------
     @staticmethod
     def _normalise_auto_fix(auto_fix: bool | Iterable[str]) -> tuple[str, ...]:
-        from gradwatch.findings import FIX_NAMES
+        from gradwatch.fixes.registry import default_fixes, list_fixes
 
         if auto_fix is False or auto_fix is None:
             return ()
         if auto_fix is True:
-            from gradwatch.fixes.registry import default_fixes
-
-            return tuple(n for n in FIX_NAMES if n in default_fixes())  # opt-in fixes only when named
+            return tuple(default_fixes())  # opt-in fixes only when named
         if isinstance(auto_fix, str):
             auto_fix = [auto_fix]
         names = tuple(auto_fix)
-        unknown = [n for n in names if n not in FIX_NAMES]
+        unknown = [n for n in names if n not in list_fixes()]
         if unknown:
-            raise ValueError(f"auto_fix: unknown fix name(s) {unknown}; allowed: {FIX_NAMES}")
+            raise ValueError(f"auto_fix: unknown fix name(s) {unknown}; allowed: {tuple(list_fixes())}")
         return names
 
     def _set_layers(self, layers: list[LayerInfo]) -> None:

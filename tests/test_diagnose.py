@@ -378,3 +378,13 @@ def test_a_zero_initialised_bias_only_layer_is_not_exploding() -> None:
         diag = w.diagnose()
     assert not diag.by_kind("exploding"), diag
     assert "3" in set(w.to_dataframe()["layer"])  # the offset layer was watched (and judged)
+
+
+def test_the_reasons_printed_are_the_fixes_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the diagnosis keeps no table of reasons: each fix class's `why` is the one source
+    from gradwatch.fixes.registry import get_fix_class
+
+    monkeypatch.setitem(get_fix_class("residual").why, "vanishing", "a reason {acts} only the class knows")
+    sat = [("a0", "sigmoid", False, 0.0, 0.1), ("a1", "sigmoid", True, 0.0, 0.99)]
+    (f,) = diagnose(view(decaying(10, 6.0), acts=sat)).by_kind("vanishing")
+    assert f.reasons[f.fixes.index("residual")] == "a reason a0 only the class knows"

@@ -1,13 +1,17 @@
 """Fixes for gradient-flow problems: recommend them as code, or apply them to the live model.
 
-Each fix is a small unit in its own module, registered by name (see :func:`list_fixes`):
+Each fix is a small unit in its own module, registered by name (see :func:`list_fixes`). Its class
+is the one place its facts are declared (:class:`~gradwatch.fixes.facts.FixFacts`: ``effect``, the
+finding ``kinds`` it treats, ``why`` per kind, ``opt_in``, ``preflight``, ``caps_gradients``); the
+diagnosis' reasons, :func:`gradwatch.preflight`'s default set and the auto-fixer read them from there
+(:mod:`gradwatch.fixes.registry`). Adding a fix is one module plus its import below.
 
 ==================  ==========================================================  ===========
-name                what it does                                                kind
+name                what it does                                                effect
 ==================  ==========================================================  ===========
-clip_gradients      global-norm (default 1.0) / AutoClip / AGC clipping as an   in place
+clip_gradients      global-norm (default 1.0) / AutoClip / AGC clipping as an   training
                     optimizer step pre-hook
-he_init             Kaiming (ReLU family) / Xavier (tanh, sigmoid) re-init,     in place
+he_init             Kaiming (ReLU family) / Xavier (tanh, sigmoid) re-init,     weights
                     biases zeroed, optimizer state reset
 insert_batchnorm    BatchNorm1d/2d/3d (or ChannelLastBatchNorm) after           structural
                     Linear/Conv layers
@@ -16,16 +20,16 @@ swap_activation     Sigmoid/Tanh -> ReLU family (LeakyReLU for dead units)      
 lstm_gru            ``nn.RNN`` -> ``nn.GRU`` / RNN-compatible LSTM, with the    structural
                     state-keeping gate biased to keep
 lower_lr            recommend a smaller learning rate                           advice
-skip_spikes         opt-in: skip the update of a spike step (optimizer step     in place
+skip_spikes         opt-in: skip the update of a spike step (optimizer step     training
                     pre-hook; optimizer state untouched)
 mixed_precision     recommend bfloat16 or a higher GradScaler scale             advice
-rescale_residual    zero (or scale) the last layer of each measured residual    in place
+rescale_residual    zero (or scale) the last layer of each measured residual    weights
                     branch (SkipInit / Fixup)
-recurrent_init      orthogonal ``W_hh`` for ``nn.RNN`` layers whose spectral    in place
+recurrent_init      orthogonal ``W_hh`` for ``nn.RNN`` layers whose spectral    weights
                     radius is above 1
 ==================  ==========================================================  ===========
 
-The entry points: :func:`apply_fixes` (policy and record), :func:`replay` (rebuild a fixed
+The entry points: :func:`apply_fixes` (policy and report), :func:`replay` (rebuild a fixed
 model's structure on a fresh instance so its checkpoint loads strictly), :func:`snapshot`
 (roll a model and its optimizer back bit for bit).
 
@@ -68,20 +72,23 @@ from gradwatch.fixes import (  # noqa: F401  (importing a fix module registers i
 from gradwatch.fixes.apply import apply_fixes
 from gradwatch.fixes.base import Applicability, Fix, FixContext, Plan
 from gradwatch.fixes.clipping import GradientClipper, attached_clippers
+from gradwatch.fixes.facts import Effect
 from gradwatch.fixes.modules import ChannelLastBatchNorm, LSTMAsRNN, Residual, keep_gate_bias_
-from gradwatch.fixes.ops import RecordError
+from gradwatch.fixes.ops import FixReportError, RecordError
 from gradwatch.fixes.record import Change, FixReport
-from gradwatch.fixes.registry import get_fix, list_fixes, register_fix
+from gradwatch.fixes.registry import get_fix, list_fixes, register_fix, unregister_fix
 from gradwatch.fixes.replay import replay
 from gradwatch.fixes.snapshot import Snapshot, snapshot
 
 __all__ = [
     "Applicability",
     "Change",
+    "Effect",
     "ChannelLastBatchNorm",
     "Fix",
     "FixContext",
     "FixReport",
+    "FixReportError",
     "GradientClipper",
     "LSTMAsRNN",
     "Plan",
@@ -96,4 +103,5 @@ __all__ = [
     "register_fix",
     "replay",
     "snapshot",
+    "unregister_fix",
 ]

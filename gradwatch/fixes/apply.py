@@ -74,7 +74,7 @@ def apply_fixes(
     example_input: ExampleInput = None,
     options: dict[str, dict[str, Any]] | None = None,
 ) -> FixReport:
-    """Apply the recommended fixes of ``diagnosis`` to ``model`` in place; return a record of every change.
+    """Apply the recommended fixes of ``diagnosis`` to ``model`` in place; return a report of every change.
 
     Args:
         model: the model the diagnosis is about (``torch.compile`` and DDP wrappers are looked
@@ -83,7 +83,7 @@ def apply_fixes(
         optimizer: the live optimizer. New parameters join it (``add_param_group`` with the
             hyperparameters of the group of the layer they replace or wrap), removed ones leave it
             with their state, re-initialised ones have their state reset; clipping installs itself
-            on it. Default ``None``: the record says when the optimizer must be rebuilt.
+            on it. Default ``None``: the report says when the optimizer must be rebuilt.
         only: restrict to these fix names (default: all registered fixes).
         dry_run: change nothing; the report's changes are ``"planned"`` and ``report.code`` is
             copy-pasteable code doing the same on your own model.

@@ -1,4 +1,4 @@
-"""What every fix is: a name, ``applies`` (and why not), ``apply`` (a record), ``code`` (a snippet).
+"""What every fix is: a name, ``applies`` (and why not), ``apply`` (a :class:`Change`), ``code`` (a snippet).
 
 A fix first *plans* (pure: looks at the model, the finding and the observed forward pass,
 changes nothing), then *executes* the plan. ``applies``, ``code`` and a dry run only plan, so
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from gradwatch.findings import Finding
 from gradwatch.fixes import ops as ops_mod
 from gradwatch.fixes import optim as optim_mod
 from gradwatch.fixes import paths
+from gradwatch.fixes.facts import FixFacts
 from gradwatch.fixes.record import Change
 from gradwatch.fixes.topology import Topology
 from gradwatch.layers import ROOT_NAME, activation_kind, named_modules, unwrap_model
@@ -43,6 +44,20 @@ def call_model(model: nn.Module, example_input: ExampleInput) -> Any:
     if isinstance(example_input, tuple | list):
         return model(*example_input)
     return model(example_input)
+
+
+def number_option(label: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
+    """A fix option that must be a number (not a bool) in an interval, as a float.
+
+    Raises:
+        ValueError: naming ``label`` (``"fix: option"``), the value and the interval.
+    """
+    inside = isinstance(value, int | float) and not isinstance(value, bool) and \
+        (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{label}={value!r}; allowed: a number in {interval}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -66,9 +81,9 @@ class Plan:
         reason: why it applies, or (when ``targets`` is empty) why it does not.
         ops: structural operations (empty for in-place fixes).
         code: copy-pasteable Python; imports: the imports it needs.
-        details: numbers for the record.
+        details: numbers for the report.
         recommend_only: advice, nothing to execute (``lower_lr``).
-        private: values for ``execute`` that do not belong in the record.
+        private: values for ``execute`` that do not belong in the report.
     """
 
     targets: list[str] = field(default_factory=list)
@@ -84,6 +99,10 @@ class Plan:
     @property
     def ok(self) -> bool:
         return bool(self.targets) or self.recommend_only
+
+    def refusals(self, when_none: str = "the finding names no layers") -> str:
+        """Why each named module was refused, for the reason of a plan with no target."""
+        return "; ".join(f"{n}: {r}" for n, r in self.refused.items()) or when_none
 
 
 class FixContext:
@@ -153,43 +172,63 @@ class FixContext:
             return None
 
 
-class Fix(ABC):
+class Fix(FixFacts, ABC):
     """Base class of every fix; subclasses register with :func:`~gradwatch.fixes.registry.register_fix`.
 
-    Subclasses set ``name``, ``structural`` and ``kinds`` (the finding kinds they treat),
+    Subclasses declare their facts as class attributes (:class:`~gradwatch.fixes.facts.FixFacts`:
+    ``name``, ``effect``, ``kinds``, ``why``, ``opt_in``, ``preflight``, ``caps_gradients``),
     validate their options in ``__init__`` (unknown options are an error), and implement
-    :meth:`plan`; in-place fixes also implement :meth:`execute`.
+    :meth:`plan`; fixes that are not structural also implement :meth:`execute`.
     """
 
-    name: ClassVar[str]
-    structural: ClassVar[bool] = False
-    kinds: ClassVar[tuple[str, ...]] = ()
-    #: Why the fix helps, per finding kind (for the record when the finding gives no reason).
-    why: ClassVar[dict[str, str]] = {}
-    #: Opt-in fixes are applied only when named (``apply_fixes(only=[...])``, ``auto_fix=[...]``),
-    #: never by the default policy: they change how training proceeds, not the model.
-    opt_in: ClassVar[bool] = False
-    #: Whether :func:`gradwatch.preflight` applies it by default (it changes the model itself, best
-    #: before training). Fixes listed in ``gradwatch.preflight.PREFLIGHT_FIXES`` are applied too.
-    preflight: ClassVar[bool] = False
-
     def options(self) -> dict[str, Any]:
-        """The fix's options, as plain data (for the record)."""
+        """The fix's options, as plain data (for the report)."""
         return {}
 
     @abstractmethod
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
-        """What the fix would do for ``finding`` (or for the explicit ``targets``); changes nothing."""
+        """What the fix would do for ``finding`` (or for the explicit ``targets``); changes nothing.
+
+        Called only for findings of a kind the fix treats (``kinds``): :meth:`planned` refuses the others.
+        """
+
+    def planned(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
+        """:meth:`plan`, behind the check every fix shares: a finding of another kind is refused."""
+        if finding.kind not in self.kinds:
+            return Plan(reason=self.why_not.get(finding.kind)
+                        or f"{self.name} treats {self.kinds} findings, not {finding.kind!r}")
+        return self.plan(ctx, finding, targets)
+
+    def untreated_modules(
+        self, ctx: FixContext, names: Sequence[str], plan: Plan, already: str
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, module)`` for the named modules that exist and this fix has not handled yet in ``ctx``;
+        the others are refused on ``plan`` (``already`` says why for those handled before)."""
+        for name in names:
+            module = ctx.modules.get(name)
+            if module is None:
+                plan.refused[name] = "no module of that name in the model"
+            elif (self.name, name) in ctx.done:
+                plan.refused[name] = already
+            else:
+                yield name, module
+
+    def module_now(self, ctx: FixContext, name: str) -> nn.Module:
+        """The module the plan named ``name``, where it is now (the plan checked that it exists)."""
+        module = ctx.current_module(name)
+        if module is None:  # pragma: no cover - plan checked it exists
+            raise LookupError(f"{self.name}: {name!r} vanished from the model")
+        return module
 
     def applies(self, ctx: FixContext, finding: Finding) -> Applicability:
         """Whether the fix can act on ``finding``; the reason says why not when it cannot."""
-        plan = self.plan(ctx, finding)
+        plan = self.planned(ctx, finding)
         return Applicability(plan.ok, plan.reason)
 
     def code(self, ctx: FixContext, finding: Finding) -> list[str]:
         """Copy-pasteable Python doing the fix on the user's own ``model`` (empty if it does not apply,
         unless the fix has advice to give as code, like clipping without an optimizer)."""
-        plan = self.plan(ctx, finding)
+        plan = self.planned(ctx, finding)
         return plan.imports + plan.code if plan.code else []
 
     def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
@@ -217,13 +256,13 @@ class Fix(ABC):
         targets: Sequence[str] | None = None,
         dry_run: bool = False,
     ) -> Change:
-        """Plan and (unless ``dry_run``) execute the fix; returns the record of what changed.
+        """Plan and (unless ``dry_run``) execute the fix; returns the :class:`Change` saying what changed.
 
         A refusal (``status="refused"``) changes nothing. Structural fixes refuse a model wrapped
         in DistributedDataParallel (the wrapper would not see new parameters: apply them before
         wrapping).
         """
-        plan = self.plan(ctx, finding, targets)
+        plan = self.planned(ctx, finding, targets)
         change = Change(
             fix=self.name,
             finding=finding.kind,

@@ -9,7 +9,7 @@ Scope: norm and AutoClip clipping act on the *global* norm of all the optimizer'
 not only on the layers the finding names: scaling some layers' gradients and not others would
 change the direction of the update, which is exactly what global-norm clipping is designed not
 to do. AGC is unit-wise, so it only bites where a unit's gradient is large relative to its
-weights. Non-structural: no parameters change. The record lists the finding's layers for
+weights. Non-structural: no parameters change. The report lists the finding's layers for
 reference; ``FixReport.clippers`` holds the live clipper (``.threshold`` to log, ``.remove()``).
 
 Default: a fixed global norm of ``1.0``, the conventional threshold. AutoClip adapts to the
@@ -52,8 +52,16 @@ class ClipGradients(Fix):
     """
 
     name = "clip_gradients"
-    structural = False
+    effect = "training"
     kinds = ("exploding", "nonfinite", "spike")
+    caps_gradients = True
+    why_not = {"vanishing": "clipping caps large gradients; it never lifts vanishing ones"}
+    why = {
+        "exploding": "clipping caps the global gradient norm so one bad batch cannot blow up the weights",
+        "nonfinite": "clipping caps the large gradients that usually precede inf/NaN",
+        "spike": "clipping at the run's own robust upper bound of the total norm caps the spike and leaves "
+                 "ordinary steps alone",
+    }
 
     def __init__(
         self,
@@ -93,12 +101,6 @@ class ClipGradients(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind == "vanishing":
-            plan.reason = "clipping caps large gradients; it never lifts vanishing ones"
-            return plan
-        if finding.kind not in self.kinds:
-            plan.reason = f"clip_gradients treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         evidence = finding.evidence
         threshold = evidence.get("clip_threshold")
         from_evidence = self.max_norm is None and isinstance(threshold, int | float) and math.isfinite(threshold) and threshold > 0

@@ -72,8 +72,17 @@ class HeInit(Fix):
     """
 
     name = "he_init"
-    structural = False
+    effect = "weights"
     kinds = ("vanishing", "exploding", "dead_units", "saturation")
+    preflight = True
+    why = {
+        "vanishing": "re-initialise at He/Xavier scale so each layer preserves signal variance forward and backward",
+        "exploding": "the weights are {scale:.1f}x the He scale: re-initialising removes the cause (clipping would "
+                     "only mask it)",
+        "dead_units": "re-initialising the feeding layer (biases zeroed) revives units whose pre-activation is negative"
+                      " for every input",
+        "saturation": "Xavier-scale weights keep pre-activations of sigmoid/tanh near their linear range",
+    }
 
     def __init__(self, nonlinearity: str = "auto", negative_slope: float | None = None):
         if nonlinearity not in NONLINEARITIES:
@@ -101,18 +110,11 @@ class HeInit(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"he_init treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         names = list(targets) if targets is not None else target_layers(finding)
         layers: dict[str, Any] = {}
-        for name in names:
-            module = ctx.modules.get(name)
-            if module is None:
-                plan.refused[name] = "no module of that name in the model"
-            elif (self.name, name) in ctx.done:
-                plan.refused[name] = "already re-initialised by an earlier fix"
-            elif isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        for name, module in self.untreated_modules(ctx, names, plan,
+                                                   "already re-initialised by an earlier fix"):
+            if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
                 plan.refused[name] = "lazy module not initialised yet"
             elif not isinstance(module, INITIALISABLE):
                 plan.refused[name] = (
@@ -140,9 +142,7 @@ class HeInit(Fix):
                     plan.code.append(f"nn.init.zeros_({where}.bias)")
         plan.details = {"layers": layers}
         if not plan.targets:
-            plan.reason = "no Linear/Conv layer to re-initialise: " + (
-                "; ".join(f"{n}: {r}" for n, r in plan.refused.items()) or "the finding names no layers"
-            )
+            plan.reason = "no Linear/Conv layer to re-initialise: " + plan.refusals()
             return plan
         plan.imports = ["from torch import nn"]
         schemes = sorted({f"{v['init']} for {v['activation']}" for v in layers.values()})
@@ -156,9 +156,7 @@ class HeInit(Fix):
     def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
         params: list[torch.Tensor] = []
         for name in plan.targets:
-            module = ctx.current_module(name)
-            if module is None:  # pragma: no cover - plan checked it exists
-                raise LookupError(f"he_init: {name!r} vanished from the model")
+            module = self.module_now(ctx, name)
             info = plan.details["layers"][name]
             fresh = torch.empty_like(module.weight)
             getattr(nn.init, info["init"] + "_")(fresh, **info["kwargs"])
@@ -168,8 +166,4 @@ class HeInit(Fix):
                 module.bias.zero_()
                 params.append(module.bias)
             info["std_after"] = float(module.weight.float().std()) if module.weight.numel() > 1 else 0.0
-        if ctx.optimizer is not None:
-            reset = optim_mod.reset_state(ctx.optimizer, params)
-            change.optimizer = f"state reset for {reset} of {len(params)} re-initialised parameters (same objects)"
-        else:
-            change.optimizer = "n/a: same parameter objects; no optimizer given (if it has state for them, reset it)"
+        change.optimizer = optim_mod.reset_state_note(ctx.optimizer, params, "re-initialised")

@@ -86,8 +86,14 @@ class InsertBatchNorm(Fix):
     """
 
     name = "insert_batchnorm"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing", "exploding", "saturation", "dead_units")
+    preflight = True
+    why = {
+        "vanishing": "normalising pre-activations keeps them in the non-saturated, unit-variance range at every depth",
+        "exploding": "normalisation stops the forward signal from growing layer after layer",
+        "saturation": "normalising pre-activations moves them back into the sensitive range",
+    }
 
     def __init__(self, init: str = "auto", eps: float = 1e-5, momentum: float | None = 0.1):
         if init not in INITS:
@@ -109,9 +115,6 @@ class InsertBatchNorm(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"insert_batchnorm treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         init = self._init_mode(ctx)
         if init == "preserve" and ctx.example_input is None:
             plan.reason = "init='preserve' needs example_input=... to measure the layer's output statistics"
@@ -119,14 +122,8 @@ class InsertBatchNorm(Fix):
         topo = ctx.topology
         last = topo.last_param_layer()
         layouts: dict[str, str] = {}
-        for name in list(targets) if targets is not None else target_layers(finding):
-            module = ctx.modules.get(name)
-            if module is None:
-                plan.refused[name] = "no module of that name in the model"
-                continue
-            if (self.name, name) in ctx.done:
-                plan.refused[name] = "a norm was already inserted after it"
-                continue
+        names = list(targets) if targets is not None else target_layers(finding)
+        for name, module in self.untreated_modules(ctx, names, plan, "a norm was already inserted after it"):
             if not topo.observed:
                 plan.refused[name] = (
                     "no observed forward pass (Diagnosis.structure is empty): the tensor layout is unknown; "
@@ -161,9 +158,7 @@ class InsertBatchNorm(Fix):
             )
         plan.details = {"layouts": layouts, "init": init}
         if not plan.targets:
-            plan.reason = "no layer to normalise: " + (
-                "; ".join(f"{n}: {r}" for n, r in plan.refused.items()) or "the finding names no layers"
-            )
+            plan.reason = "no layer to normalise: " + plan.refusals()
             return plan
         plan.code = [line for op in plan.ops for line in ops.code(op, ctx.model)]
         plan.imports = list(dict.fromkeys(line for op in plan.ops for line in ops.imports(op)))

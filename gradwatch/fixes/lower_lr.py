@@ -1,7 +1,7 @@
 """``lower_lr``: a recommendation only - lower the learning rate by a suggested factor.
 
 gradwatch never changes the learning rate itself: the LR is entangled with the user's
-schedule and scheduler state, and the right value is a training decision. The record gives
+schedule and scheduler state, and the right value is a training decision. The report gives
 the factor and, with an optimizer, the current and suggested LR per group, plus the code.
 
 The factor comes, in order, from the option, from ``evidence["lr_factor"]``, from
@@ -56,8 +56,16 @@ class LowerLR(Fix):
     """
 
     name = "lower_lr"
-    structural = False
+    effect = "advice"
     kinds = ("exploding", "nonfinite", "dead_units", "spike")
+    why = {
+        "exploding": "a smaller learning rate shrinks each update relative to the weights",
+        "nonfinite": "a smaller learning rate keeps weights from overflowing; also check inputs and the loss for "
+                     "NaN/inf",
+        "dead_units": "large updates are the usual way units are knocked into the dead region",
+        "spike": "a smaller peak learning rate (or a longer warm-up) keeps one bad batch from moving the weights "
+                 "far; under Adam a spike after a quiet stretch meets a decayed second moment and is not damped",
+    }
 
     def __init__(self, factor: float | None = None):
         if factor is not None and not 0.0 < float(factor) < 1.0:
@@ -69,9 +77,6 @@ class LowerLR(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"lower_lr treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         factor, source = (self.factor, "option") if self.factor is not None else suggested_factor(finding.evidence)
         plan.recommend_only = True
         plan.details = {"factor": factor, "source": source}

@@ -9,7 +9,7 @@ Targets: the ``nn.RNN`` layers among ``finding.layers`` (exactly ``nn.RNN``; LST
 cells are refused, naming their class). The replacement has ``input_size``, ``hidden_size``,
 ``num_layers``, ``bias``, ``batch_first``, ``dropout`` and ``bidirectional`` of the original and
 the same device and dtype; ``nonlinearity`` has no counterpart. **Its weights are new** (gates
-have 3x/4x the weights; nothing of the RNN's can be carried over), so the record lists the old
+have 3x/4x the weights; nothing of the RNN's can be carried over), so the report lists the old
 parameters as removed and the new ones as added, and the optimizer is updated accordingly.
 
 ``to="gru"`` (the default) is a true drop-in: ``nn.GRU`` has ``nn.RNN``'s call signature and
@@ -69,9 +69,12 @@ class LstmGru(Fix):
     """
 
     name = "lstm_gru"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing", "exploding")
+    preflight = True
     why = {
+        "vanishing": "gated recurrences (LSTM/GRU) carry gradients through time additively instead of "
+                     "through repeated tanh/weight products",
         "exploding": "gated cells (GRU/LSTM) set their gain through time with learnt gates instead of a fixed "
                      "recurrent matrix, so the state and its gradient do not grow step after step",
     }
@@ -87,16 +90,9 @@ class LstmGru(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"lstm_gru treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
-        for name in list(targets) if targets is not None else list(finding.layers):
-            module = ctx.modules.get(name)
-            if module is None:
-                plan.refused[name] = "no module of that name in the model"
-            elif (self.name, name) in ctx.done:
-                plan.refused[name] = "already replaced by an earlier fix"
-            elif type(module) is not nn.RNN:
+        names = list(targets) if targets is not None else list(finding.layers)
+        for name, module in self.untreated_modules(ctx, names, plan, "already replaced by an earlier fix"):
+            if type(module) is not nn.RNN:
                 plan.refused[name] = f"{type(module).__name__} is not an nn.RNN (only vanilla RNNs are swapped)"
             else:
                 plan.targets.append(name)
@@ -112,9 +108,7 @@ class LstmGru(Fix):
         new = "nn.GRU" if self.to == "gru" else "LSTMAsRNN (an nn.LSTM returning (output, h_n))"
         plan.details = {"to": self.to, "new_weights": True, "gate_bias": self.gate_bias}
         if not plan.targets:
-            plan.reason = "no nn.RNN to replace: " + (
-                "; ".join(f"{n}: {r}" for n, r in plan.refused.items()) or "the finding names no layers"
-            )
+            plan.reason = "no nn.RNN to replace: " + plan.refusals()
             return plan
         plan.code = [line for op in plan.ops for line in ops.code(op, ctx.model)]
         plan.code.append("# new weights: the replacement starts untrained; rebuild or update the optimizer")

@@ -22,14 +22,15 @@ class MixedPrecision(Fix):
     """Recommend bfloat16 autocast, or a GradScaler that starts higher and grows back sooner."""
 
     name = "mixed_precision"
-    structural = False
+    effect = "advice"
     kinds = ("underflow",)
+    why = {
+        "underflow": "bfloat16 has float32's range (nothing underflows, no loss scaling needed); or a GradScaler "
+                     "that starts higher and grows back sooner keeps small gradients representable",
+    }
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"mixed_precision treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         scale = finding.evidence.get("loss_scale")
         plan.recommend_only = True
         plan.details = {"loss_scale": scale}

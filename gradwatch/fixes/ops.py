@@ -3,7 +3,7 @@
 A structural fix is a list of *ops*, each a JSON-able dict. The same dict is applied to the
 live model by the fix, re-applied to a fresh instance by :func:`gradwatch.fixes.replay`, and
 rendered as copy-pasteable Python. Only the ops below exist, and only the module classes in
-the tables below can be constructed from a record: a record cannot make gradwatch build
+the tables below can be constructed from a fix report: a report cannot make gradwatch build
 arbitrary classes.
 
 Ops:
@@ -36,7 +36,7 @@ from torch import nn
 from gradwatch.fixes import paths
 from gradwatch.fixes.modules import ChannelLastBatchNorm, LSTMAsRNN, Residual, keep_gate_bias_
 
-#: Activation classes a record may construct.
+#: Activation classes a fix report may construct.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "ReLU": nn.ReLU,
     "LeakyReLU": nn.LeakyReLU,
@@ -44,7 +44,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "SiLU": nn.SiLU,
     "ELU": nn.ELU,
 }
-#: Normalisation classes a record may construct.
+#: Normalisation classes a fix report may construct.
 NORMS: dict[str, type[nn.Module]] = {
     "BatchNorm1d": nn.BatchNorm1d,
     "BatchNorm2d": nn.BatchNorm2d,
@@ -65,8 +65,12 @@ _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
 OP_NAMES: tuple[str, ...] = tuple(_REQUIRED)
 
 
-class RecordError(ValueError):
-    """A change record that is malformed or does not fit the model it is applied to."""
+class FixReportError(ValueError):
+    """A fix report (or one of its ops) that is malformed or does not fit the model it is applied to."""
+
+
+#: Deprecated name of :class:`FixReportError`.
+RecordError = FixReportError
 
 
 @dataclass
@@ -93,30 +97,30 @@ def validate(op: Any) -> None:
     """Check an op's shape (keys, types, allowed names) without looking at any model.
 
     Raises:
-        RecordError: naming the bad key or value and what is allowed.
+        FixReportError: naming the bad key or value and what is allowed.
     """
     if not isinstance(op, dict):
-        raise RecordError(f"an op must be a dict, got {type(op).__name__}")
+        raise FixReportError(f"an op must be a dict, got {type(op).__name__}")
     name = op.get("op")
     if not isinstance(name, str) or name not in _REQUIRED:
-        raise RecordError(f"unknown op {name!r}; allowed: {OP_NAMES}")
+        raise FixReportError(f"unknown op {name!r}; allowed: {OP_NAMES}")
     for key, types in _REQUIRED[name].items():
         if key not in op:
-            raise RecordError(f"op {name!r} lacks {key!r}")
+            raise FixReportError(f"op {name!r} lacks {key!r}")
         value = op[key]
         if isinstance(value, bool) or not isinstance(value, types):
-            raise RecordError(f"op {name!r}: {key}={value!r} has type {type(value).__name__}")
+            raise FixReportError(f"op {name!r}: {key}={value!r} has type {type(value).__name__}")
     if not op["path"] or op["path"] == "(root)":
-        raise RecordError(f"op {name!r}: path {op['path']!r} must name a submodule, not the model")
+        raise FixReportError(f"op {name!r}: path {op['path']!r} must name a submodule, not the model")
     if name == "replace_activation" and op["new"] not in ACTIVATIONS:
-        raise RecordError(f"replace_activation: new={op['new']!r}; allowed: {tuple(ACTIVATIONS)}")
+        raise FixReportError(f"replace_activation: new={op['new']!r}; allowed: {tuple(ACTIVATIONS)}")
     if name == "replace_activation":
         for key, value in op["kwargs"].items():
             if not isinstance(key, str) or not (value is None or isinstance(value, bool | str) or _finite(value)):
-                raise RecordError(f"replace_activation: kwargs {key!r}={value!r} must be a finite number, bool or string")
+                raise FixReportError(f"replace_activation: kwargs {key!r}={value!r} must be a finite number, bool or string")
     if name == "wrap_norm":
         if op["norm"] not in NORMS:
-            raise RecordError(f"wrap_norm: norm={op['norm']!r}; allowed: {tuple(NORMS)}")
+            raise FixReportError(f"wrap_norm: norm={op['norm']!r}; allowed: {tuple(NORMS)}")
         _check_number(name, "num_features", op["num_features"], low=1, integer=True)
         _check_number(name, "eps", op["eps"], low=0, open_low=True)
         if op["momentum"] is not None:
@@ -126,20 +130,20 @@ def validate(op: Any) -> None:
     if name == "wrap_residual":
         span = op["span"]
         if not span or not all(isinstance(p, str) and p for p in span) or span[0] != op["path"]:
-            raise RecordError(f"wrap_residual: span={span!r} must list module paths starting with path={op['path']!r}")
+            raise FixReportError(f"wrap_residual: span={span!r} must list module paths starting with path={op['path']!r}")
     if name == "swap_rnn":
         if op["to"] not in RNN_TARGETS:
-            raise RecordError(f"swap_rnn: to={op['to']!r}; allowed: {RNN_TARGETS}")
+            raise FixReportError(f"swap_rnn: to={op['to']!r}; allowed: {RNN_TARGETS}")
         missing = [k for k in RNN_CONFIG_KEYS if k not in op["config"]]
         extra = [k for k in op["config"] if k not in RNN_CONFIG_KEYS]
         if missing or extra:
-            raise RecordError(f"swap_rnn: config keys missing {missing}, unknown {extra}; expected {RNN_CONFIG_KEYS}")
+            raise FixReportError(f"swap_rnn: config keys missing {missing}, unknown {extra}; expected {RNN_CONFIG_KEYS}")
         config = op["config"]
         for key in ("input_size", "hidden_size", "num_layers"):
             _check_number(name, f"config.{key}", config[key], low=1, integer=True)
         for key in ("bias", "batch_first", "bidirectional"):
             if not isinstance(config[key], bool):
-                raise RecordError(f"swap_rnn: config.{key}={config[key]!r} must be true or false")
+                raise FixReportError(f"swap_rnn: config.{key}={config[key]!r} must be true or false")
         _check_number(name, "config.dropout", config["dropout"], low=0, high=1)
         if op["gate_bias"] is not None:
             _check_number(name, "gate_bias", op["gate_bias"])
@@ -151,14 +155,14 @@ def _finite(value: Any) -> bool:
 
 def _check_number(op: str, key: str, value: Any, low: float | None = None, high: float | None = None,
                   integer: bool = False, open_low: bool = False) -> None:
-    """A record's number must be finite (JSON allows NaN and Infinity), of the right kind and in range."""
+    """An op's number must be finite (JSON allows NaN and Infinity), of the right kind and in range."""
     if not _finite(value) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a finite number"
-        raise RecordError(f"{op}: {key}={value!r} must be {kind}")
+        raise FixReportError(f"{op}: {key}={value!r} must be {kind}")
     if low is not None and (value < low or (open_low and value == low)):
-        raise RecordError(f"{op}: {key}={value!r} must be {'>' if open_low else '>='} {low}")
+        raise FixReportError(f"{op}: {key}={value!r} must be {'>' if open_low else '>='} {low}")
     if high is not None and value > high:
-        raise RecordError(f"{op}: {key}={value!r} must be <= {high}")
+        raise FixReportError(f"{op}: {key}={value!r} must be <= {high}")
 
 
 def renames_of(op: dict[str, Any]) -> dict[str, str]:
@@ -176,7 +180,7 @@ def renames_of(op: dict[str, Any]) -> dict[str, str]:
 def _check_expect(op: dict[str, Any], found: str | list[str]) -> None:
     expect = op.get("expect")
     if expect is not None and expect != found:
-        raise RecordError(f"op {op['op']!r} at {op['path']!r} expects {expect!r} there, found {found!r}")
+        raise FixReportError(f"op {op['op']!r} at {op['path']!r} expects {expect!r} there, found {found!r}")
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
@@ -191,26 +195,26 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         ``{"new": module put at path, "renames": {old path: new path}}``.
 
     Raises:
-        RecordError: the model does not have the expected module at the op's path.
+        FixReportError: the model does not have the expected module at the op's path.
     """
     name = op["op"]
     path = op["path"]
     try:
         target = paths.get_module(model, path)
     except LookupError as err:
-        raise RecordError(str(err)) from None
+        raise FixReportError(str(err)) from None
     if name == "replace_activation":
         _check_expect(op, type(target).__name__)
         new = ACTIVATIONS[op["new"]](**op["kwargs"])
         try:  # arguments the constructor stores without checking fail on first use: use it once here
             new(torch.zeros(2))
         except Exception as err:
-            raise RecordError(f"replace_activation: {op['new']}(**{op['kwargs']!r}) does not work: {err}") from None
+            raise FixReportError(f"replace_activation: {op['new']}(**{op['kwargs']!r}) does not work: {err}") from None
     elif name == "wrap_norm":
         _check_expect(op, type(target).__name__)
         features = getattr(target, "out_features", None) or getattr(target, "out_channels", None)
         if isinstance(features, int) and op["num_features"] != features:
-            raise RecordError(f"wrap_norm at {path!r}: num_features={op['num_features']} but the "
+            raise FixReportError(f"wrap_norm at {path!r}: num_features={op['num_features']} but the "
                               f"{type(target).__name__} there has {features} output features")
         norm_cls = NORMS[op["norm"]]
         norm = norm_cls(op["num_features"], eps=op["eps"], momentum=op["momentum"], **_factory(target))
@@ -220,16 +224,16 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         parent_name, first_key = paths.parent_path(path)
         parent = paths.get_module(model, parent_name)
         if len(span) > 1 and not isinstance(parent, nn.Sequential):
-            raise RecordError(f"wrap_residual: the parent of {path!r} is {type(parent).__name__}, not nn.Sequential")
+            raise FixReportError(f"wrap_residual: the parent of {path!r} is {type(parent).__name__}, not nn.Sequential")
         keys = list(parent._modules)
         try:
             modules = [paths.get_module(model, p) for p in span]
         except LookupError as err:
-            raise RecordError(str(err)) from None
+            raise FixReportError(str(err)) from None
         span_keys = [paths.parent_path(p)[1] for p in span]
         start = keys.index(first_key)
         if any(paths.parent_path(p)[0] != parent_name for p in span) or keys[start : start + len(span)] != span_keys:
-            raise RecordError(f"wrap_residual: span {span} is not a run of consecutive children of {parent_name!r}")
+            raise FixReportError(f"wrap_residual: span {span} is not a run of consecutive children of {parent_name!r}")
         _check_expect(op, [type(m).__name__ for m in modules])
         block = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
         new = Residual(block, alpha_init=float(op["alpha_init"]))
@@ -240,8 +244,8 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         config = dict(op["config"])
         differs = {k: (v, getattr(target, k)) for k, v in config.items() if hasattr(target, k) and getattr(target, k) != v}
         if differs:  # the swap keeps the recurrence's sizes and flags
-            raise RecordError(f"swap_rnn at {path!r}: config differs from the {type(target).__name__} there "
-                              f"(record, model): {differs}")
+            raise FixReportError(f"swap_rnn at {path!r}: config differs from the {type(target).__name__} there "
+                              f"(report, model): {differs}")
         if op["to"] == "gru":
             new = nn.GRU(**config, **_factory(target))
             if op["gate_bias"] is not None and new.bias:
@@ -249,7 +253,7 @@ def apply(model: nn.Module, op: dict[str, Any], undo: Undo) -> dict[str, Any]:
         else:
             new = LSTMAsRNN(**config, forget_bias=op["gate_bias"], **_factory(target))
     else:  # pragma: no cover - validate() rejects unknown ops first
-        raise RecordError(f"unknown op {name!r}")
+        raise FixReportError(f"unknown op {name!r}")
     if op.get("expect") is None:
         op["expect"] = [type(m).__name__ for m in modules] if name == "wrap_residual" else type(target).__name__
     undo.set(model, path, new)
@@ -307,7 +311,7 @@ def code(op: dict[str, Any], model: nn.Module | None = None) -> list[str]:
                 lines.append(f"keep_gate_bias_({paths.expr(path, model)}, {op['gate_bias']!r})")
             return lines
         return [paths.assign(path, f"LSTMAsRNN({args}, forget_bias={op['gate_bias']!r})", model)]
-    raise RecordError(f"unknown op {name!r}")  # pragma: no cover
+    raise FixReportError(f"unknown op {name!r}")  # pragma: no cover
 
 
 def imports(op: dict[str, Any]) -> list[str]:

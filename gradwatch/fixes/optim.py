@@ -74,6 +74,13 @@ def remove_params(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tenso
     return removed
 
 
+def reset_state_note(optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor], changed: str) -> str:
+    """Forget the optimizer state of parameters rewritten in place (``changed``: how); the report's note."""
+    if optimizer is None:
+        return "n/a: same parameter objects; no optimizer given (if it has state for them, reset it)"
+    return f"state reset for {reset_state(optimizer, params)} of {len(params)} {changed} parameters (same objects)"
+
+
 def reset_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
     """Forget the optimizer state of ``params`` (re-created lazily at the next step); returns how many had state."""
     count = 0

@@ -1,4 +1,4 @@
-"""The record of what :func:`~gradwatch.fixes.apply_fixes` did: plain data, JSON round-trip.
+"""The report of what :func:`~gradwatch.fixes.apply_fixes` did (:class:`FixReport`): plain data, JSON round-trip.
 
 One :class:`Change` per fix that was tried on a finding: applied, planned (dry run),
 recommended (advice only), or refused (with the reason). Structural changes carry the
@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-RECORD_VERSION = 1
+REPORT_VERSION = 1
 Status = Literal["applied", "planned", "recommended", "refused"]
 STATUSES: tuple[str, ...] = ("applied", "planned", "recommended", "refused")
 
@@ -140,7 +140,7 @@ class FixReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": RECORD_VERSION,
+            "version": REPORT_VERSION,
             "dry_run": self.dry_run,
             "notes": list(self.notes),
             "changes": [c.to_dict() for c in self.changes],
@@ -157,13 +157,13 @@ class FixReport:
             ValueError: wrong version or malformed changes, naming what is wrong.
         """
         if not isinstance(data, dict):
-            raise ValueError(f"a fix record must be a dict, got {type(data).__name__}")
+            raise ValueError(f"a fix report must be a dict, got {type(data).__name__}")
         version = data.get("version")
-        if version != RECORD_VERSION:
-            raise ValueError(f"fix record version {version!r} is not supported; expected {RECORD_VERSION}")
+        if version != REPORT_VERSION:
+            raise ValueError(f"fix report version {version!r} is not supported; expected {REPORT_VERSION}")
         changes = data.get("changes")
         if not isinstance(changes, list) or not all(isinstance(c, dict) for c in changes):
-            raise ValueError("fix record 'changes' must be a list of dicts")
+            raise ValueError("fix report 'changes' must be a list of dicts")
         return cls(
             changes=[Change.from_dict(c) for c in changes],
             dry_run=bool(data.get("dry_run", False)),

@@ -12,7 +12,7 @@ recurrent matrices have spectral radius above 1 (measured here, in the plan: the
 it applies); every ``weight_hh_l*`` of such a layer is re-initialised with
 ``nn.init.orthogonal_(gain)``, input weights and biases are kept. Gated cells (LSTM/GRU) are
 refused: their gates, not ``W_hh`` alone, set the gain through time. In place: same ``Parameter``
-objects, their optimizer state reset; the record holds the spectral radius before and after.
+objects, their optimizer state reset; the report holds the spectral radius before and after.
 Draws from torch's global RNG.
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 from gradwatch.findings import Finding
 from gradwatch.fixes import optim as optim_mod
 from gradwatch.fixes import paths
-from gradwatch.fixes.base import Fix, FixContext, Plan, target_layers
+from gradwatch.fixes.base import Fix, FixContext, Plan, number_option, target_layers
 from gradwatch.fixes.record import Change
 from gradwatch.fixes.registry import register_fix
 
@@ -58,7 +58,7 @@ class RecurrentInit(Fix):
     """
 
     name = "recurrent_init"
-    structural = False
+    effect = "weights"
     kinds = ("exploding", "nonfinite")
     preflight = True
     why = {
@@ -70,27 +70,18 @@ class RecurrentInit(Fix):
     }
 
     def __init__(self, gain: float = 1.0):
-        if not isinstance(gain, int | float) or isinstance(gain, bool) or not 0.0 < float(gain) <= 1.0:
-            raise ValueError(f"recurrent_init: gain={gain!r}; allowed: a number in (0, 1]")
-        self.gain = float(gain)
+        self.gain = number_option("recurrent_init: gain", gain, 0.0, 1.0, low_open=True, high_open=False)
 
     def options(self) -> dict[str, Any]:
         return {"gain": self.gain}
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"recurrent_init treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         names = list(targets) if targets is not None else target_layers(finding)
         layers: dict[str, Any] = {}
-        for name in names:
-            module = ctx.modules.get(name)
-            if module is None:
-                plan.refused[name] = "no module of that name in the model"
-            elif (self.name, name) in ctx.done:
-                plan.refused[name] = "already re-initialised by an earlier fix"
-            elif type(module) is not nn.RNN:
+        for name, module in self.untreated_modules(ctx, names, plan,
+                                                   "already re-initialised by an earlier fix"):
+            if type(module) is not nn.RNN:
                 plan.refused[name] = f"{type(module).__name__} is not an nn.RNN (gated cells: their gates set the gain)"
             else:
                 radii = {w: spectral_radius(getattr(module, w)) for w in _recurrent_weights(module)}
@@ -104,8 +95,7 @@ class RecurrentInit(Fix):
                 plan.code += [f"nn.init.orthogonal_({where}.{w}, gain={self.gain!r})" for w in radii]
         plan.details = {"layers": layers}
         if not plan.targets:
-            plan.reason = "no over-scaled nn.RNN to re-initialise: " + (
-                "; ".join(f"{n}: {r}" for n, r in plan.refused.items()) or "the finding names no layers")
+            plan.reason = "no over-scaled nn.RNN to re-initialise: " + plan.refusals()
             return plan
         plan.imports = ["from torch import nn"]
         plan.reason = (f"re-initialise the recurrent matrices of {plan.targets} orthogonally (gain {self.gain:g}): "
@@ -118,9 +108,7 @@ class RecurrentInit(Fix):
     def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
         params: list[torch.Tensor] = []
         for name in plan.targets:
-            module = ctx.current_module(name)
-            if module is None:  # pragma: no cover - plan checked it exists
-                raise LookupError(f"recurrent_init: {name!r} vanished from the model")
+            module = self.module_now(ctx, name)
             info = plan.details["layers"][name]
             after = {}
             for w in info["weights"]:
@@ -131,8 +119,4 @@ class RecurrentInit(Fix):
                 params.append(weight)
                 after[w] = spectral_radius(weight)
             info["spectral_radius_after"] = after
-        if ctx.optimizer is not None:
-            reset = optim_mod.reset_state(ctx.optimizer, params)
-            change.optimizer = f"state reset for {reset} of {len(params)} re-initialised parameters (same objects)"
-        else:
-            change.optimizer = "n/a: same parameter objects; no optimizer given (if it has state for them, reset it)"
+        change.optimizer = optim_mod.reset_state_note(ctx.optimizer, params, "re-initialised")

@@ -12,7 +12,7 @@ Targets: only the layers the diagnosis measured as the last layer of a residual 
 (``finding.evidence["residual_growth"]["branch_last_layers"]``: the layer just before each
 measured addition), never a guess: zeroing a layer that is *not* followed by a skip connection
 would cut the network. Linear/Conv layers only. In place: the same ``Parameter`` objects
-(``p.mul_``, bias zeroed), the optimizer's state for them reset; the record holds each layer's
+(``p.mul_``, bias zeroed), the optimizer's state for them reset; the report holds each layer's
 weight RMS before and after, and a :func:`~gradwatch.fixes.snapshot` undoes it bit for bit.
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 from gradwatch.findings import Finding
 from gradwatch.fixes import optim as optim_mod
 from gradwatch.fixes import paths
-from gradwatch.fixes.base import Fix, FixContext, Plan
+from gradwatch.fixes.base import Fix, FixContext, Plan, number_option
 from gradwatch.fixes.record import Change
 from gradwatch.fixes.registry import register_fix
 
@@ -53,7 +53,7 @@ class RescaleResidual(Fix):
     """
 
     name = "rescale_residual"
-    structural = False
+    effect = "weights"
     kinds = ("exploding", "nonfinite")
     preflight = True
     why = {
@@ -64,27 +64,17 @@ class RescaleResidual(Fix):
     }
 
     def __init__(self, scale: float = 0.0):
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or not 0.0 <= float(scale) < 1.0:
-            raise ValueError(f"rescale_residual: scale={scale!r}; allowed: a number in [0, 1)")
-        self.scale = float(scale)
+        self.scale = number_option("rescale_residual: scale", scale, 0.0, 1.0, low_open=False, high_open=True)
 
     def options(self) -> dict[str, Any]:
         return {"scale": self.scale}
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"rescale_residual treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         names = list(targets) if targets is not None else branch_last_layers(finding)
         layers: dict[str, Any] = {}
-        for name in names:
-            module = ctx.modules.get(name)
-            if module is None:
-                plan.refused[name] = "no module of that name in the model"
-            elif (self.name, name) in ctx.done:
-                plan.refused[name] = "already rescaled by an earlier fix"
-            elif not isinstance(module, SCALABLE):
+        for name, module in self.untreated_modules(ctx, names, plan, "already rescaled by an earlier fix"):
+            if not isinstance(module, SCALABLE):
                 plan.refused[name] = f"{type(module).__name__} is not a Linear/Conv layer"
             else:
                 plan.targets.append(name)
@@ -96,11 +86,9 @@ class RescaleResidual(Fix):
                     plan.code.append(f"{where}.bias.zero_()")
         plan.details = {"layers": layers}
         if not plan.targets:
-            plan.reason = "no residual branch to rescale: " + (
-                "; ".join(f"{n}: {r}" for n, r in plan.refused.items())
-                or "the finding names no residual branch (the diagnosis lists them when it measures additions "
-                   "that make the forward signal grow)"
-            )
+            plan.reason = "no residual branch to rescale: " + plan.refusals(
+                "the finding names no residual branch (the diagnosis lists them when it measures additions "
+                "that make the forward signal grow)")
             return plan
         plan.code = ["with torch.no_grad():"] + [f"    {line}" for line in plan.code]
         plan.imports = ["import torch"]
@@ -113,17 +101,11 @@ class RescaleResidual(Fix):
     def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
         params: list[torch.Tensor] = []
         for name in plan.targets:
-            module = ctx.current_module(name)
-            if module is None:  # pragma: no cover - plan checked it exists
-                raise LookupError(f"rescale_residual: {name!r} vanished from the model")
+            module = self.module_now(ctx, name)
             module.weight.mul_(self.scale)
             params.append(module.weight)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
                 params.append(module.bias)
             plan.details["layers"][name]["rms_after"] = float(module.weight.float().square().mean().sqrt())
-        if ctx.optimizer is not None:
-            reset = optim_mod.reset_state(ctx.optimizer, params)
-            change.optimizer = f"state reset for {reset} of {len(params)} rescaled parameters (same objects)"
-        else:
-            change.optimizer = "n/a: same parameter objects; no optimizer given (if it has state for them, reset it)"
+        change.optimizer = optim_mod.reset_state_note(ctx.optimizer, params, "rescaled")

@@ -47,8 +47,12 @@ class ResidualWrap(Fix):
     """
 
     name = "residual"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing",)
+    preflight = True
+    why = {
+        "vanishing": "identity skip connections give gradients a path that bypasses the decaying chain",
+    }
 
     def __init__(self, alpha_init: float = 0.0):
         self.alpha_init = float(alpha_init)
@@ -101,9 +105,6 @@ class ResidualWrap(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"residual treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         topo = ctx.topology
         last = topo.last_param_layer()
         outputs = topo.output_activations()
@@ -150,9 +151,7 @@ class ResidualWrap(Fix):
             )
         plan.details = {"blocks": blocks, "alpha_init": self.alpha_init}
         if not plan.targets:
-            plan.reason = "no shape-preserving block to wrap: " + (
-                "; ".join(f"{n}: {r}" for n, r in plan.refused.items()) or "the finding names no layers"
-            )
+            plan.reason = "no shape-preserving block to wrap: " + plan.refusals()
             return plan
         plan.code = [line for op in plan.ops for line in ops.code(op, ctx.model)]
         plan.imports = list(dict.fromkeys(line for op in plan.ops for line in ops.imports(op)))

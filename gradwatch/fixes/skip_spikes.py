@@ -155,8 +155,12 @@ class SkipSpikes(Fix):
     """
 
     name = "skip_spikes"
-    structural = False
+    effect = "training"
     kinds = ("spike",)
+    why = {
+        "spike": "opt-in: skip the optimizer update on a step whose gradient norm is a spike (optimizer state "
+                 "untouched, every skip recorded)",
+    }
     opt_in = True
 
     def __init__(self, z: float = 6.0, ratio: float = 10.0, window: int = 50, min_baseline: int = 20,
@@ -170,9 +174,6 @@ class SkipSpikes(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"skip_spikes treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         plan.imports = ["from gradwatch.fixes.skip_spikes import SpikeSkipper"]
         plan.code = [f"skipper = SpikeSkipper({', '.join(f'{k}={v!r}' for k, v in self._options.items())}).attach(optimizer)"]
         if ctx.optimizer is None:

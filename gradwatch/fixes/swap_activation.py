@@ -74,8 +74,15 @@ class SwapActivation(Fix):
     """
 
     name = "swap_activation"
-    structural = True
+    effect = "structural"
     kinds = ("vanishing", "saturation", "dead_units")
+    preflight = True
+    why = {
+        "vanishing": "saturating activations ({acts}) have derivatives <= 0.25 (sigmoid) or near 0 when saturated; "
+                     "ReLU-family passes gradients unchanged for active units",
+        "dead_units": "LeakyReLU keeps a small gradient for negative inputs, so units cannot die",
+        "saturation": "ReLU-family activations do not saturate for positive inputs",
+    }
 
     def __init__(self, to: str | None = None, negative_slope: float = 0.01):
         if to is not None and to not in TARGETS:
@@ -102,23 +109,15 @@ class SwapActivation(Fix):
 
     def plan(self, ctx: FixContext, finding: Finding, targets: Sequence[str] | None = None) -> Plan:
         plan = Plan()
-        if finding.kind not in self.kinds:
-            plan.reason = f"swap_activation treats {self.kinds} findings, not {finding.kind!r}"
-            return plan
         to = self.target_for(finding)
         cls_name, new_kind = TARGETS[to]
         kwargs = {"negative_slope": self.negative_slope} if cls_name == "LeakyReLU" else {}
         candidates = list(targets) if targets is not None else self._candidates(ctx, finding)
         topo = ctx.topology
         outputs = topo.output_activations()
-        for name in candidates:
-            module = ctx.modules.get(name)
+        for name, module in self.untreated_modules(ctx, candidates, plan, "already swapped by an earlier fix"):
             kind = ctx.activation_kind(name)
-            if module is None:
-                plan.refused[name] = "no module of that name in the model"
-            elif (self.name, name) in ctx.done:
-                plan.refused[name] = "already swapped by an earlier fix"
-            elif topo.observed and not topo.ran(name):
+            if topo.observed and not topo.ran(name):
                 plan.refused[name] = "did not run in the observed forward pass"
             elif (topo.calls(name) or 1) > 1:
                 plan.refused[name] = (

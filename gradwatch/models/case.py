@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from gradwatch.findings import FIX_NAMES
+from gradwatch.fixes.registry import list_fixes
 
 #: Problems a reference case can show; ``None`` means a healthy control or a fixed twin.
 PROBLEMS: tuple[str, ...] = ("vanishing", "exploding", "dead_units", "saturation", "spike")
@@ -35,7 +35,7 @@ class ReferenceCase:
         default_steps: steps after which the problem and its twin are compared.
         problem: ``"vanishing" | "exploding" | "dead_units" | "saturation" | "spike"``, or ``None``.
         twin: the fixed twin's name for a problem case, the problem's name for a twin, else ``None``.
-        cure: fix names (see ``gradwatch.findings.FIX_NAMES``) that turn the problem into the
+        cure: fix names (see ``gradwatch.fixes.list_fixes()``) that turn the problem into the
             twin; on a twin, the fixes it embodies; empty for healthy controls.
         description: which problem it shows, the mechanism, and which fix cures it.
         seed: the seed the model and data were generated from.
@@ -61,9 +61,9 @@ class ReferenceCase:
     def __post_init__(self) -> None:
         if self.problem is not None and self.problem not in PROBLEMS:
             raise ValueError(f"problem={self.problem!r} is not one of {PROBLEMS} or None")
-        unknown = [fix for fix in self.cure if fix not in FIX_NAMES]
+        unknown = [fix for fix in self.cure if fix not in list_fixes()]
         if unknown:
-            raise ValueError(f"unknown fix names {unknown} in cure; allowed: {FIX_NAMES}")
+            raise ValueError(f"unknown fix names {unknown} in cure; allowed: {tuple(list_fixes())}")
         if len(self.inputs) != len(self.targets):
             raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
         if not 0 < self.batch_size <= len(self.inputs):
