@@ -159,7 +159,7 @@ def test_gradwatch_has_no_import_cycles() -> None:
 def test_the_graph_sees_gradwatch_modules_and_their_imports() -> None:
     graph = import_graph(ROOT, "gradwatch")
     assert "gradwatch.models.registry" in graph["gradwatch.models"]
-    assert "gradwatch.findings" in graph["gradwatch.models.case"]
+    assert "gradwatch.fixes.registry" in graph["gradwatch.models.case"]
     assert "gradwatch.tasks" in graph["gradwatch.models.recipe"]  # `from gradwatch import tasks`
 
 
