@@ -161,9 +161,9 @@ class TensorBoardSink:
             metrics whose names could collide; recorded so ``gradwatch report`` strips it.
         flush_secs: for a writer created here, how often pending events reach the disk: what a
             killed run can lose at most.
-        fast_crc: compute the writer's record checksums with numpy instead of TensorBoard's
-            byte-at-a-time Python loop (identical files, 5-30x less CPU in the writer thread;
-            see :mod:`gradwatch.crc32c`). Applies to that writer only.
+        fast_crc: compute the writer's record checksums with google-crc32c (C) instead of
+            TensorBoard's byte-at-a-time Python loop (identical files, far less CPU in the writer
+            thread; see :mod:`gradwatch.checksums`). Applies to that writer only.
         write_every_n_steps: steps' scalar events are kept and handed to the writer together
             every n collected steps (and on :meth:`flush`/:meth:`close`); 1 = at once.
 
@@ -216,9 +216,9 @@ class TensorBoardSink:
                 "TensorBoardSink: log_dir must be a directory path or a torch.utils.tensorboard.SummaryWriter "
                 f"(tensorboardX's works too), got {type(log_dir).__name__}"
             )
-        from gradwatch.crc32c import accelerate_writer
+        from gradwatch.checksums import accelerate_writer
 
-        #: whether the writer got the fast record checksum (see :mod:`gradwatch.crc32c`)
+        #: whether the writer got the fast record checksum (see :mod:`gradwatch.checksums`)
         self.fast_crc = bool(fast_crc) and accelerate_writer(self.writer)
         self.watcher = watcher
         self.histograms = bool(histograms)

@@ -466,9 +466,8 @@ def test_fast_record_checksum_is_tensorboards_checksum(tmp_path: Path) -> None:
 
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
 
-    from gradwatch.crc32c import crc32c, masked_crc32c
+    from gradwatch.checksums import masked_crc32c
 
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     for n in [*range(0, 300), 511, 512, 513, 4096, 65537]:
         data = os.urandom(n)
         assert masked_crc32c(data) == reference(data), n
