@@ -312,8 +312,8 @@ def test_the_watcher_records_common_steps_in_batches_and_loses_none(tmp_path: Pa
     with gradwatch.watch(model, log_dir=tmp_path, figure_every_n_steps=0, histogram_every_n_steps=0,
                          activations=False) as w:
         train(model, vector_task(), 7, watcher=w)
-        assert w._deferred  # steps 2.. are common ones, not yet recorded
-        assert w.history.total_steps == 7 and not w._deferred  # reading the history flushes them
+        assert w._buffer  # steps 2.. are common ones, not yet recorded
+        assert w.history.total_steps == 7 and not w._buffer  # reading the history flushes them
         train(model, vector_task(), 16, watcher=w)
         df = w.to_dataframe()
     assert sorted(df["step"].unique()) == list(range(23))
