@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from gw_dashboard import PLUGIN, TensorBoard, free_port  # noqa: E402
 
 from gradwatch import tags as T  # noqa: E402
-from gradwatch.crc32c import masked_crc32c  # noqa: E402
+from gradwatch.checksums import masked_crc32c  # noqa: E402
 from gradwatch.tensorboard import _encode_scalars, _event_bytes, _value_prefix  # noqa: E402
 
 log = logging.getLogger("dashboard_latency")

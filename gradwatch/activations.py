@@ -152,6 +152,11 @@ class ActivationSampler:
         self._handles.clear()
         self.armed = False
 
+    def finish_forward(self) -> None:
+        """End the sampled forward pass by hand: for frameworks that run submodules without calling the
+        model's own ``forward`` (whose return otherwise ends it)."""
+        self._root_done(self.model, (), None)
+
     def _root_done(self, module: nn.Module, args: tuple, output: object) -> None:
         self.disarm()
         self.captured = True

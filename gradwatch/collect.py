@@ -496,6 +496,10 @@ class GradientCollector:
                     snap.wsq = None  # no gradients there this step: the snapshot is stale
         return partials
 
+    def release_snapshot(self) -> None:
+        """Free the weight copy kept for the update ratio (the watcher detached: no next step)."""
+        self._snapshot = None
+
     def launched(self) -> Launched:
         """What :meth:`finish` needs to know about the step just computed, if it runs later."""
         return Launched(self._had_snapshot, self._all_present, repairable=False)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gradwatch.structure import ModelStructure
+
 log = logging.getLogger(__name__)
 
 ROOT_NAME = "(root)"
@@ -187,7 +189,7 @@ class ForwardOrderRecorder:
 
         return hook
 
-    def _root_done(self, module: nn.Module, args: tuple, output: object) -> None:
+    def _root_done(self, module: nn.Module | None, args: tuple, output: object) -> None:
         self.calls[ROOT_NAME] = self.calls.get(ROOT_NAME, 0) + 1
         self.order.append(ROOT_NAME)
         self.output_shapes[ROOT_NAME] = _shape_of(output)
@@ -196,6 +198,11 @@ class ForwardOrderRecorder:
         self.done = True
         if self._on_done is not None:
             self._on_done(self)
+
+    def finish_forward(self) -> None:
+        """End the recorded forward pass by hand: for frameworks that run submodules without calling the
+        model's own ``forward`` (whose return otherwise ends it)."""
+        self._root_done(None, (), None)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -240,8 +247,8 @@ def depth_order(layers: list[LayerInfo], forward_order: list[str] | None) -> lis
     return ran + not_ran
 
 
-def structure_from_recorder(model: nn.Module, recorder: ForwardOrderRecorder) -> dict:
-    """Plain-data description of one observed forward pass (see ``Diagnosis.structure``)."""
+def structure_from_recorder(model: nn.Module, recorder: ForwardOrderRecorder) -> ModelStructure:
+    """What one observed forward pass showed (``Diagnosis.structure`` holds its ``to_dict()``)."""
     modules = dict(named_modules(model))  # for a wrapper and its wrapped module the inner one wins
     types = {(n or ROOT_NAME): type(m).__name__ for n, m in modules.items()}
     layer_names = {layer.name for layer in discover_layers(model)}
@@ -253,14 +260,14 @@ def structure_from_recorder(model: nn.Module, recorder: ForwardOrderRecorder) ->
             last_layer = name
         elif module is not None and isinstance(module, ACTIVATION_TYPES):
             activations[name] = last_layer
-    return {
-        "order": list(recorder.order),
-        "input_shapes": {k: list(v) for k, v in recorder.input_shapes.items()},
-        "output_shapes": {k: list(v) for k, v in recorder.output_shapes.items()},
-        "types": types,
-        "activations": activations,
-        "calls": dict(recorder.calls),
-    }
+    return ModelStructure(
+        order=list(recorder.order),
+        input_shapes={k: list(v) for k, v in recorder.input_shapes.items()},
+        output_shapes={k: list(v) for k, v in recorder.output_shapes.items()},
+        types=types,
+        activations=activations,
+        calls=dict(recorder.calls),
+    )
 
 
 @torch.no_grad()
@@ -283,4 +290,4 @@ def observe_structure(model: nn.Module, *example_args: object, **example_kwargs:
         recorder.remove()
         for module, training in modes.items():
             module.training = training
-    return structure_from_recorder(model, recorder)
+    return structure_from_recorder(model, recorder).to_dict()

@@ -9,7 +9,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     from gradwatch.findings import Diagnosis
+    from gradwatch.history import History
     from gradwatch.layers import LayerInfo
+    from gradwatch.thresholds import Thresholds
 
 
 @dataclass
@@ -55,3 +57,32 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RunSource(Protocol):
+    """What a sink may read from the run that feeds it (a ``GradWatcher`` is one), so that sinks
+    depend on this protocol and not on the watcher.
+
+    Attributes:
+        name: the run's label.
+        thresholds: the diagnosis thresholds (their ``window`` sizes a sink's recent-steps view).
+        figure_every_n_steps: the gradient-flow figure cadence (0: only at close).
+        every_n_steps, activation_every_n_steps, slow_stats_every_n, histogram_every_n_steps:
+            the collection cadences, recorded in the run's metadata.
+    """
+
+    name: str
+    thresholds: Thresholds
+    figure_every_n_steps: int
+    every_n_steps: int
+    activation_every_n_steps: int
+    slow_stats_every_n: int
+    histogram_every_n_steps: int
+
+    @property
+    def history(self) -> History:
+        """The recorded steps and the run's layer and activation metadata and context."""
+
+    def record_pending(self) -> None:
+        """Record the buffered steps now (history and sinks): a sink calls it at interpreter exit."""

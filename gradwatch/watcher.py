@@ -7,7 +7,6 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,10 +15,11 @@ import torch
 from torch import nn
 
 from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS, ActivationSampler
-from gradwatch.collect import GRAD_METRICS, GradientCollector, Launched, PeerWatcherFailed, StepStats
+from gradwatch.collect import GRAD_METRICS, GradientCollector, PeerWatcherFailed, StepStats
 from gradwatch.diagnose import diagnose as run_diagnosis
 from gradwatch.findings import Diagnosis
 from gradwatch.history import ActivationMeta, History, LayerMeta
+from gradwatch.hotpath import HostPipeline, HostRow, StepLaunch, device_rows, pack_step
 from gradwatch.layers import (
     ROOT_NAME,
     ForwardOrderRecorder,
@@ -32,8 +32,10 @@ from gradwatch.layers import (
     unwrap_model,
 )
 from gradwatch.sinks import Sink, StepRecord
+from gradwatch.step_buffer import StepBuffer
+from gradwatch.structure import ModelStructure
 from gradwatch.thresholds import Thresholds
-from gradwatch.transfer import HOT_PATHS, HostTransfer
+from gradwatch.transfer import HOT_PATHS
 
 log = logging.getLogger("gradwatch")
 
@@ -74,27 +76,6 @@ def _register_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable[..., Non
             "does. Pass the underlying torch optimizer, or pass hook_optimizer=False and call watcher.step() "
             "after backward and before optimizer.step() yourself."
         ) from None
-
-
-@dataclass
-class _Launch:
-    """A collected step whose host copy was launched: what recording it needs besides the copy."""
-
-    step: int
-    slow: bool
-    layouts: list[tuple[tuple[int, ...], torch.dtype]]  # per device: the statistic rows' shape and dtype
-    sample: int            # elements of the activation sample after the rows (0: none)
-    loss: float | None     # None: the loss is the copy's last element
-    state: Launched | None  # the collector's state at launch (delayed copies), None: read at once
-    keep_out: bool         # a histogram step: recorded on its own, not batched
-    diagnosing: bool       # diagnose once recorded
-
-
-def _moved(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` on ``device`` (another accelerator's: a copy that does not wait) in ``dtype``."""
-    if t.device != device:
-        t = t.to(device, non_blocking=True)
-    return t.to(dtype)
 
 
 def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
@@ -230,16 +211,16 @@ class GradWatcher:
             raise ValueError(f"hot_path must be one of {HOT_PATHS}, got {hot_path!r}")
         self.hot_path = hot_path
         #: host copies of launched steps not recorded yet (delayed on the accelerator path)
-        self._transfer = HostTransfer(delayed=False)
+        self._pipeline = HostPipeline()
         self._history = History(capacity=history_capacity)
-        #: common steps whose recording (history, sinks) is batched: (step, statistics, loss)
-        self._deferred: list[tuple[int, StepStats, float]] = []
+        #: common steps whose recording (history, sinks) is batched: the one buffer before the disk
+        self._buffer = StepBuffer(_RECORD_BATCH)
         self.sinks: list[Sink] = list(sinks)
         self.error: str | None = None
         self.closed = False
         self.calls = 0            # step() calls
         self.collected = 0        # collected steps
-        self.structure: dict[str, Any] = {}
+        self._structure = ModelStructure()
         self._track_updates = track_updates
         self._warned: set[str] = set()
         self._last_diagnosis: Diagnosis | None = None
@@ -327,9 +308,9 @@ class GradWatcher:
         return names
 
     def _set_layers(self, layers: list[LayerInfo]) -> None:
-        if getattr(self, "_deferred", None) or getattr(self, "_transfer", None):
+        if getattr(self, "_buffer", None) or getattr(self, "_pipeline", None):
             self._drain()  # recorded under the layers they were measured with
-        order = self._recorder.order if self._recorder is not None and self._recorder.done else self.structure.get("order")
+        order = self._recorder.order if self._recorder is not None and self._recorder.done else self._structure.order
         self.layers = depth_order(layers, order)
         self._param_key = tuple(id(p) for layer in self.layers for p in layer.params)
         self.collector = GradientCollector(self.layers, track_updates=self._track_updates, hot_path=self.hot_path)
@@ -342,10 +323,10 @@ class GradWatcher:
         acts = discover_activations(self.model)
         rank = {n: i for i, n in enumerate(order or [])}
         acts.sort(key=lambda a: rank.get(a[0], len(rank)))
-        act_info = self.structure.get("activations", {})
+        act_info = self._structure.activations
         param_names = [layer.name for layer in self.layers]
         last_layer_pos = max((rank[n] for n in param_names if n in rank and n != ROOT_NAME), default=-1)
-        types = self.structure.get("types", {})
+        types = self._structure.types
         ameta, channel_first = [], set()
         for i, (aname, module) in enumerate(acts):
             feeder = act_info.get(aname)
@@ -366,7 +347,7 @@ class GradWatcher:
 
     def _on_first_forward(self, recorder: ForwardOrderRecorder) -> None:
         try:
-            self.structure = structure_from_recorder(self.model, recorder)
+            self._structure = structure_from_recorder(self.model, recorder)
             self._set_layers(discover_layers(self.model))
         except Exception as exc:  # never break the user's forward pass
             self._fail(exc)
@@ -437,11 +418,11 @@ class GradWatcher:
         if slow and self._params_maybe_changed() and self._params_changed():
             log.info("gradwatch: the parameters of %s changed since watch(); re-discovering layers", self.name)
             self._set_layers(discover_layers(self.model))
-        self._transfer.consume(self._consume)  # earlier delayed steps whose copies are complete (no waiting)
-        partials = self.collector.compute_on_device(slow)
+        self._pipeline.read(self.collector, self._consume)  # earlier delayed steps complete by now (no waiting)
+        partials = device_rows(self.collector.compute_on_device(slow))
         if self.row_reducer is not None:
             self._reduced = True  # (a reducer that raises has taken part in the collective)
-            partials = [(device, self.row_reducer(rows), pos) for device, rows, pos in partials]
+            partials = [p._replace(rows=self.row_reducer(p.rows)) for p in partials]
         if not partials:
             if "no-grad" not in self._warned:
                 self._warned.add("no-grad")
@@ -449,37 +430,21 @@ class GradWatcher:
                             "optimizer.zero_grad()", self.name)
             self._after_step(index)
             return
+        device = partials[0].device
         sample = None
         if self._sampler is not None and self._sampler.captured:
-            sample = self._sampler.gather(partials[0][0])
-        # one host copy: gradient rows (every device's, gathered on the first) + activation sample + loss
-        device, rows0 = partials[0][0], partials[0][1]
-        wide = torch.float64 if any(rows.dtype == torch.float64 for _, rows, _ in partials) else rows0.dtype
-        parts = [_moved(rows.reshape(-1), device, wide) for _, rows, _ in partials]
-        if sample is not None:
-            parts.append(sample.to(wide))
-        has_loss = isinstance(loss, torch.Tensor)
-        if has_loss:
-            parts.append(_moved(loss.detach().reshape(-1)[:1], device, wide))
+            sample = self._sampler.gather(device)
+        packed = pack_step(partials, sample, loss)  # one host copy: rows + activation sample + loss
         # histogram rounds only where a sink can write them (they also keep steps out of batched recording)
         hist_round = bool(self.histogram_every_n_steps and self.sinks) and index % self.histogram_every_n_steps == 0
-        delayed = self._transfer.delayed
-        launch = _Launch(
-            step=step, slow=slow, layouts=[(tuple(rows.shape), rows.dtype) for _, rows, _ in partials],
-            sample=0 if sample is None else sample.numel(),
-            loss=None if has_loss else (float(loss) if isinstance(loss, int | float) else math.nan),
-            state=self.collector.launched() if delayed else None,
-            keep_out=hist_round or bool(self._histograms_due),
+        launch = self._pipeline.launch(
+            self.collector, packed, step=step, slow=slow, keep_out=hist_round or bool(self._histograms_due),
             diagnosing=bool(self.diagnose_every_n_steps) and bool(index) and index % self.diagnose_every_n_steps == 0,
+            on_row=self._consume,
         )
-        if self._transfer.delayed != self.collector.accelerator_path(device):
-            self._drain()  # the gradients moved between the CPU and an accelerator
-            self._transfer = HostTransfer(delayed=not self._transfer.delayed)
-            delayed = self._transfer.delayed
-            launch.state = self.collector.launched() if delayed else None
-        self._transfer.launch(torch.cat(parts) if len(parts) > 1 else parts[0], launch)
+        delayed = self._pipeline.delayed
         if not delayed:
-            self._transfer.consume(self._record_launched)
+            self._pipeline.read(self.collector, self._record_row)
         if hist_round and not self._histograms_due:
             self._histograms_due = list(self.layers)  # a new round (an unfinished one is finished first)
             self._histogram_round_size = sum(layer.numel for layer in self.layers)
@@ -487,38 +452,30 @@ class GradWatcher:
             layers = self._next_histogram_layers()
             if layers:
                 if delayed:  # the earlier steps' scalars first (the histograms copy to the host anyway)
-                    self._transfer.consume(self._consume, wait=True)
+                    self._pipeline.read(self.collector, self._consume, wait=True)
                 for sink in self.sinks:
                     sink.write_histograms(step, layers)
         if not delayed:
             self._after_record(launch)
         self._after_step(index)
 
-    def _consume(self, host: torch.Tensor, launch: _Launch) -> None:
-        """Record a launched step from its host copy, then run what follows a recorded step."""
-        self._record_launched(host, launch)
+    def _consume(self, row: HostRow, launch: StepLaunch) -> None:
+        """Record a launched step read back on the host, then run what follows a recorded step."""
+        self._record_row(row, launch)
         self._after_record(launch)
 
-    def _record_launched(self, host: torch.Tensor, launch: _Launch) -> None:
-        grad_host, offset = [], 0
-        for shape, dtype in launch.layouts:
-            n = math.prod(shape)
-            grad_host.append(host[offset:offset + n].reshape(shape).to(dtype))
-            offset += n
-        stats = self.collector.finish(None, grad_host, launch.slow, launch.state)
-        # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
-        loss_value = float(host.numpy()[offset + launch.sample]) if launch.loss is None else launch.loss
-        if stats.fast and not launch.sample and not self._step_callbacks and not launch.keep_out and not launch.diagnosing:
+    def _record_row(self, row: HostRow, launch: StepLaunch) -> None:
+        if row.stats.fast and row.sample is None and not self._step_callbacks and not launch.keep_out \
+                and not launch.diagnosing:
             # a common step: recorded with the next ones, in one batch (whole-array history appends)
-            self._deferred.append((launch.step, stats, loss_value))
-            if len(self._deferred) >= _RECORD_BATCH:
-                self._flush_deferred()
+            self._buffer.add(launch.step, row.stats, row.loss)
+            if self._buffer.full:
+                self._record_buffer()
         else:
-            self._flush_deferred()
-            sample = host[offset:offset + launch.sample].clone() if launch.sample else None
-            self._record(launch.step, stats, loss_value, sample)
+            self._record_buffer()
+            self._record(launch.step, row.stats, row.loss, row.sample)
 
-    def _after_record(self, launch: _Launch) -> None:
+    def _after_record(self, launch: StepLaunch) -> None:
         for cb in list(self._step_callbacks):
             cb(self, launch.step)
         if launch.diagnosing:
@@ -560,7 +517,7 @@ class GradWatcher:
     @property
     def history(self) -> History:
         """Everything recorded so far (delayed copies are waited for and batched steps recorded first)."""
-        if self._deferred or self._transfer:
+        if self._buffer or self._pipeline:
             try:
                 self._drain()
             except Exception as exc:
@@ -571,29 +528,29 @@ class GradWatcher:
         """Record the steps still in flight or batched (history and sinks) now; reading
         :attr:`history`, :meth:`diagnose` or :meth:`close` does it anyway. Sinks call it at
         interpreter exit."""
-        if (self._deferred or self._transfer) and not self.closed:
+        if (self._buffer or self._pipeline) and not self.closed:
             self._drain()
 
     def _drain(self) -> None:
         """Wait for the launched copies, record them, then the batched steps."""
-        self._transfer.consume(self._consume, wait=True)
-        self._flush_deferred()
+        self._pipeline.read(self.collector, self._consume, wait=True)
+        self._record_buffer()
 
-    def _flush_deferred(self) -> None:
-        """Record the batched common steps: one whole-array history append, then the sinks."""
-        if not self._deferred:
+    def _record_buffer(self) -> None:
+        """Record the buffered common steps: one whole-array history append, then the sinks."""
+        if not self._buffer:
             return
-        items, self._deferred = self._deferred, []
-        values = np.stack([stats.values.numpy() for _, stats, _ in items])
-        steps = [step for step, _, _ in items]
-        totals = [stats.total_norm for _, stats, _ in items]
-        self._history.append_steps(steps, self._columns, values, totals, [loss for _, _, loss in items])
+        items = self._buffer.take()
+        values = np.stack([item.stats.values.numpy() for item in items])
+        steps = [item.step for item in items]
+        totals = [item.stats.total_norm for item in items]
+        self._history.append_steps(steps, self._columns, values, totals, [item.loss for item in items])
         if self.sinks:
             layer_names, act_names = self._record_names()
             extra = dict(self._extra_scalars)
-            for k, step in enumerate(steps):
-                record = StepRecord(step=step, layers=layer_names, values=values[k], total_norm=totals[k],
-                                    loss=items[k][2], activations=act_names, extra=extra)
+            for k, item in enumerate(items):
+                record = StepRecord(step=item.step, layers=layer_names, values=values[k], total_norm=totals[k],
+                                    loss=item.loss, activations=act_names, extra=extra)
                 for sink in self.sinks:
                     sink.write_step(record)
 
@@ -667,6 +624,16 @@ class GradWatcher:
             log.debug("gradwatch: the reduction taken part in after a failure raised: %s", exc)
 
     # -- results -------------------------------------------------------------------------------
+    @property
+    def structure(self) -> ModelStructure:
+        """The forward pass observed on the first step (empty until then): order, shapes, types."""
+        return self._structure
+
+    @structure.setter
+    def structure(self, value: ModelStructure | Mapping[str, Any]) -> None:
+        """Restore a recorded structure (e.g. from a checkpoint's plain-dict form)."""
+        self._structure = ModelStructure.from_dict(value)
+
     def set_scalar(self, name: str, value: float) -> None:
         """Attach an extra scalar (e.g. a clipping threshold) to the following step records."""
         self._drain()  # earlier steps keep the value they had
@@ -697,9 +664,9 @@ class GradWatcher:
             return
         recorder = self._recorder
         if recorder is not None and not recorder.done and recorder.order:
-            recorder._root_done(self.model, (), None)
+            recorder.finish_forward()
         if self._sampler is not None and self._sampler.armed:
-            self._sampler._root_done(self.model, (), None)
+            self._sampler.finish_forward()
 
     def note_loss_scale(self, scale: float, step: int | None = None) -> None:
         """Record the AMP loss scale in force at ``step`` (default: the next step to be collected); the
@@ -725,16 +692,16 @@ class GradWatcher:
 
     def _diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
         """:meth:`diagnose` of what is recorded (steps in flight are not waited for: no device sync)."""
-        self._flush_deferred()
+        self._record_buffer()
         th = thresholds or self.thresholds
         view = self._history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
                                  active_only=True, lookback=th.spike_lookback)
-        diag = run_diagnosis(view, th, structure=self.structure)
+        diag = run_diagnosis(view, th, structure=self._structure.to_dict())
         return self._with_code(diag)
 
     def _with_code(self, diag: Diagnosis) -> Diagnosis:
         """Attach the recommendation as copy-pasteable code (a dry run: nothing changes)."""
-        if diag.healthy or not self.structure:
+        if diag.healthy or not self._structure:
             return diag
         try:
             from dataclasses import replace
@@ -774,7 +741,7 @@ class GradWatcher:
             self._recorder.remove()
         if self._sampler is not None:
             self._sampler.close()
-        self.collector._snapshot = None
+        self.collector.release_snapshot()
 
     def close(self) -> None:
         """Remove every hook, write the final diagnosis and figure, flush and close the sinks. Idempotent."""

@@ -71,3 +71,28 @@ def test_submodules_used_by_their_parent_directly_sit_next_to_it() -> None:
     layer(torch.randn(2, 3, 8))
     names = [x.name for x in depth_order(discover_layers(layer), rec.order)]
     assert names.index("self_attn.out_proj") == names.index("self_attn") + 1
+
+
+def test_model_structure_round_trips_through_its_plain_dict_form_and_reads_old_dicts() -> None:
+    import json
+
+    from gradwatch.fixes.topology import Topology
+    from gradwatch.layers import structure_from_recorder
+    from gradwatch.structure import ModelStructure
+
+    model = Reordered()
+    recorder = ForwardOrderRecorder(model)
+    model(torch.randn(2, 3))
+    structure = structure_from_recorder(model, recorder)
+    assert structure.order == ["early", "act", "late", ROOT_NAME]
+    assert structure.activations == {"act": "early"} and structure.calls["late"] == 1
+    plain = structure.to_dict()
+    assert plain == observe_structure(model, torch.randn(2, 3))  # the form Diagnosis.structure holds
+    assert ModelStructure.from_dict(json.loads(json.dumps(plain))) == structure  # logs, state dicts
+    assert dict(structure) == plain and structure["order"] == plain["order"]  # read like the former dict
+    old = {"order": plain["order"], "output_shapes": plain["output_shapes"]}  # an older dict: fewer keys
+    restored = ModelStructure.from_dict(old)
+    assert restored.order == structure.order and restored.calls == {} and restored.types == {}
+    assert Topology(dict(model.named_modules()), old).order == Topology(dict(model.named_modules()), structure).order
+    empty = ModelStructure.from_dict({})
+    assert not empty and empty.to_dict() == {} and dict(empty) == {} and empty.get("order") is None

@@ -268,6 +268,8 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         TensorBoardSink(tmp_path, prefix="gw")
     with pytest.raises(ValueError, match="write_every_n_steps must be an integer >= 1"):
         TensorBoardSink(tmp_path, write_every_n_steps=0)
+    with pytest.warns(DeprecationWarning, match="write_every_n_steps"):
+        TensorBoardSink(tmp_path, write_every_n_steps=4).close()
 
 
 def _scalar_steps(path: Path) -> list[int]:
@@ -279,22 +281,23 @@ def _scalar_steps(path: Path) -> list[int]:
     return steps
 
 
-def test_step_events_reach_the_writer_every_n_steps_and_all_of_them_at_close(tmp_path: Path) -> None:
-    """The sink hands step events to the writer on its cadence (the writer is flushed here after every
-    step, so what is on disk is what was handed over), in step order, and nothing is lost at close."""
+def test_step_events_reach_the_writer_as_they_arrive_and_all_of_them_at_close(tmp_path: Path) -> None:
+    """The sink holds no events back: each step is handed to the writer as it arrives (the writer is
+    flushed here after every step, so what is on disk is what was handed over), in step order, and
+    nothing is lost at close."""
     from gradwatch.collect import GRAD_METRICS
     from gradwatch.sinks import StepRecord
 
     writer = SummaryWriter(str(tmp_path))
-    sink = TensorBoardSink(writer, write_every_n_steps=4, histograms=False, figure_every_n_steps=0)
+    sink = TensorBoardSink(writer, histograms=False, figure_every_n_steps=0)
     seen = []
     for step in range(10):
         seen.append(len(_scalar_steps(tmp_path)))
         values = np.full((2, len(GRAD_METRICS)), float(step + 1))
         sink.write_step(StepRecord(step=step, layers=["fc1", "fc2"], values=values, total_norm=float(step), loss=0.5))
         writer.flush()
-    assert seen == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]  # whole batches of 4
-    assert _scalar_steps(tmp_path) == list(range(8))  # steps 8 and 9 still pending
+    assert seen == list(range(10))  # one more on disk after every step
+    assert _scalar_steps(tmp_path) == list(range(10))
     sink.close()
     assert _scalar_steps(tmp_path) == list(range(10))
     writer.close()
@@ -309,8 +312,8 @@ def test_the_watcher_records_common_steps_in_batches_and_loses_none(tmp_path: Pa
     with gradwatch.watch(model, log_dir=tmp_path, figure_every_n_steps=0, histogram_every_n_steps=0,
                          activations=False) as w:
         train(model, vector_task(), 7, watcher=w)
-        assert w._deferred  # steps 2.. are common ones, not yet recorded
-        assert w.history.total_steps == 7 and not w._deferred  # reading the history flushes them
+        assert w._buffer  # steps 2.. are common ones, not yet recorded
+        assert w.history.total_steps == 7 and not w._buffer  # reading the history flushes them
         train(model, vector_task(), 16, watcher=w)
         df = w.to_dataframe()
     assert sorted(df["step"].unique()) == list(range(23))
@@ -466,9 +469,8 @@ def test_fast_record_checksum_is_tensorboards_checksum(tmp_path: Path) -> None:
 
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
 
-    from gradwatch.crc32c import crc32c, masked_crc32c
+    from gradwatch.checksums import masked_crc32c
 
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     for n in [*range(0, 300), 511, 512, 513, 4096, 65537]:
         data = os.urandom(n)
         assert masked_crc32c(data) == reference(data), n

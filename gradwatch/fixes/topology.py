@@ -9,11 +9,13 @@ that needs shapes refuses (and says that ``example_input=...`` would let it obse
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from gradwatch.layers import ACTIVATION_TYPES, ROOT_NAME, activation_kind
+from gradwatch.structure import ModelStructure
 
 #: Normalisation layers: they own parameters, but a fix looking for "the next layer" walks past them.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -39,13 +41,13 @@ class Topology:
     Args:
         modules: ``{name: module}`` as ``model.named_modules()`` gave them before any fix
             (the root under ``"(root)"``).
-        structure: ``Diagnosis.structure`` (may be empty).
+        structure: ``Diagnosis.structure`` (the plain-dict form or a ``ModelStructure``; may be empty).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], structure: dict[str, Any]):
+    def __init__(self, modules: dict[str, nn.Module], structure: ModelStructure | Mapping[str, Any] | None):
         self.modules = modules
-        self.structure = structure or {}
-        order = [n for n in self.structure.get("order", []) if n != ROOT_NAME]
+        self.structure = ModelStructure.from_dict(structure)
+        order = [n for n in self.structure.order if n != ROOT_NAME]
         #: True when the order and shapes come from an observed forward pass.
         self.observed = bool(order)
         if not order:
@@ -56,8 +58,8 @@ class Topology:
         self.order = [n for n in order if n not in containers or self._owns(n)]
         self._rank = {n: i for i, n in enumerate(self.order)}
         self._ran = set(order) if self.observed else set()
-        self.input_shapes: dict[str, list[int]] = dict(self.structure.get("input_shapes", {}))
-        self.output_shapes: dict[str, list[int]] = dict(self.structure.get("output_shapes", {}))
+        self.input_shapes: dict[str, list[int]] = dict(self.structure.input_shapes)
+        self.output_shapes: dict[str, list[int]] = dict(self.structure.output_shapes)
 
     def _owns(self, name: str) -> bool:
         module = self.modules.get(name)
@@ -68,8 +70,8 @@ class Topology:
         return name in self._ran
 
     def calls(self, name: str) -> int | None:
-        """How many times ``name`` ran in the observed pass, when the structure records it (``"calls"``)."""
-        value = self.structure.get("calls", {}).get(name)
+        """How many times ``name`` ran in the observed pass, when the structure records it (``calls``)."""
+        value = self.structure.calls.get(name)
         return int(value) if value is not None else None
 
     def is_param_layer(self, name: str) -> bool:
