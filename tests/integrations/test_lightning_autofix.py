@@ -22,7 +22,7 @@ from lit_models import TRAINER_DEFAULTS, dataset
 from torch import nn
 
 import gradwatch
-from gradwatch.integrations import lightning_fixes
+from gradwatch.integrations import lightning_checkpoint
 from gradwatch.integrations.lightning import GradWatchCallback, replay_checkpoint
 
 STEPS_PER_EPOCH = 8  # 64 samples, batch 8
@@ -140,8 +140,8 @@ def test_fixed_run_resumes_from_its_checkpoint_with_the_record_replayed_once(
     assert len(saved["optimizer_states"][0]["param_groups"]) == 2
 
     replays: list[int] = []
-    original = lightning_fixes.replay
-    monkeypatch.setattr(lightning_fixes, "replay", lambda m, r: replays.append(1) or original(m, r))
+    original = lightning_checkpoint.replay
+    monkeypatch.setattr(lightning_checkpoint, "replay", lambda m, r: replays.append(1) or original(m, r))
     resumed = _batchnorm_callback(auto_fix_verify_steps=2)
     fresh = _sigmoid_mlp(scheduler="lambda", momentum=0.9)
     trainer = _trainer(tmp_path, resumed, max_epochs=2)
