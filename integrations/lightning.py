@@ -133,7 +133,8 @@ class GradWatchCallback(Callback):
         optimizers: ``None`` (every optimizer's steps) or indices into ``trainer.optimizers`` whose
             steps are collected. Default: ``None``.
         auto_fix: fixes the auto-fixer may apply during training (to ``trainer.optimizers[0]``): ``False``
-            (recommend only), ``True`` (all) or fix names; see "Fixes" above and ``auto_fix_events``.
+            (recommend only), ``True`` (the default policy's fixes, as ``gradwatch.watch``: opt-in ones
+            such as ``skip_spikes`` only when named) or fix names; see "Fixes" above and ``auto_fix_events``.
             Default: ``False``.
         auto_fix_probe_steps: collected steps observed before the auto-fixer decides. Default: ``50``.
         auto_fix_verify_steps: collected steps trained after a fix before it is judged. Default: ``50``.
@@ -224,9 +225,9 @@ class GradWatchCallback(Callback):
         self._fixes = TrainerFixes(
             auto_fix=self.options.auto_fix,  # type: ignore[arg-type]
             preflight=PREFLIGHT_FIXES if preflight is True else check_names(f"{name}: preflight", preflight or (), FIX_NAMES),
-            options=check_fix_options(f"{name}: fix_options", fix_options), probe_steps=auto_fix_probe_steps,
-            verify_steps=auto_fix_verify_steps, preflight_batch=preflight_batch, loss_fn=loss_fn,
-            preflight_steps=check_count(f"{name}: preflight_steps", preflight_steps), thresholds=thresholds,
+            options=check_fix_options(f"{name}: fix_options", fix_options), probe_steps=self.options.auto_fix_probe_steps,
+            verify_steps=self.options.auto_fix_verify_steps, preflight_batch=preflight_batch, loss_fn=loss_fn,
+            preflight_steps=check_count(f"{name}: preflight_steps", preflight_steps), thresholds=self.options.thresholds,
             verbose=self.verbose)
 
         self.watcher: GradWatcher | None = None
