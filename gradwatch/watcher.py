@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import weakref
@@ -31,11 +30,11 @@ from gradwatch.layers import (
     structure_from_recorder,
     unwrap_model,
 )
+from gradwatch.options import WatchOptions
 from gradwatch.sinks import Sink, StepRecord
 from gradwatch.step_buffer import StepBuffer
 from gradwatch.structure import ModelStructure
 from gradwatch.thresholds import Thresholds
-from gradwatch.transfer import HOT_PATHS
 
 log = logging.getLogger("gradwatch")
 
@@ -78,10 +77,6 @@ def _register_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable[..., Non
         ) from None
 
 
-def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
-    return value
 
 
 class GradWatcher:
@@ -182,33 +177,34 @@ class GradWatcher:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradwatch.watch expects a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        #: Every option, validated (:class:`gradwatch.options.WatchOptions`).
+        self.options = opts = WatchOptions(
+            optimizer=optimizer, hook_optimizer=hook_optimizer, log_dir=log_dir, every_n_steps=every_n_steps,
+            slow_stats_every_n=slow_stats_every_n, activations=activations,
+            activation_every_n_steps=activation_every_n_steps, histogram_every_n_steps=histogram_every_n_steps,
+            histogram_max_elements=histogram_max_elements, figure_every_n_steps=figure_every_n_steps,
+            diagnose_every_n_steps=diagnose_every_n_steps, thresholds=thresholds, history_capacity=history_capacity,
+            track_updates=track_updates, auto_fix=auto_fix, auto_fix_probe_steps=auto_fix_probe_steps,
+            auto_fix_verify_steps=auto_fix_verify_steps, auto_fix_options=auto_fix_options, on_error=on_error,
+            name=name, sinks=sinks, scaler=scaler, hot_path=hot_path,
+        )
         base_optimizer = _hookable_optimizer(optimizer) if optimizer is not None else None
-        if on_error not in ("detach", "raise"):
-            raise ValueError(f"on_error must be 'detach' or 'raise', got {on_error!r}")
-        if thresholds is not None and not isinstance(thresholds, Thresholds):
-            raise TypeError(f"thresholds must be a gradwatch.Thresholds, got {type(thresholds).__name__}")
-        self.every_n_steps = _check_every("every_n_steps", every_n_steps)
-        self.slow_stats_every_n = _check_every("slow_stats_every_n", slow_stats_every_n)
-        self.activation_every_n_steps = _check_every("activation_every_n_steps", activation_every_n_steps)
-        self.histogram_every_n_steps = _check_every("histogram_every_n_steps", histogram_every_n_steps, allow_zero=True)
-        if histogram_max_elements is not None:
-            _check_every("histogram_max_elements", histogram_max_elements)
-        self.histogram_max_elements = histogram_max_elements
+        self.every_n_steps = opts.every_n_steps
+        self.slow_stats_every_n = opts.slow_stats_every_n
+        self.activation_every_n_steps = opts.activation_every_n_steps
+        self.histogram_every_n_steps = opts.histogram_every_n_steps
+        self.histogram_max_elements = opts.histogram_max_elements
         self._histograms_due: list[LayerInfo] = []  # layers of the current histogram round not binned yet
         self._histogram_round_size = 0  # gradient elements of the current round
-        self.figure_every_n_steps = _check_every("figure_every_n_steps", figure_every_n_steps, allow_zero=True)
-        self.diagnose_every_n_steps = _check_every("diagnose_every_n_steps", diagnose_every_n_steps, allow_zero=True)
+        self.figure_every_n_steps = opts.figure_every_n_steps
+        self.diagnose_every_n_steps = opts.diagnose_every_n_steps
         self.model = unwrap_model(model)
         self.name = name or type(self.model).__name__
         self.thresholds = thresholds or Thresholds()
         self.activations_enabled = bool(activations)
         self.on_error = on_error
-        self.auto_fix = self._normalise_auto_fix(auto_fix)
+        self.auto_fix: tuple[str, ...] = opts.auto_fix  # type: ignore[assignment]
         self.optimizer = optimizer
-        if hot_path not in HOT_PATHS:
-            raise ValueError(f"hot_path must be one of {HOT_PATHS}, got {hot_path!r}")
         self.hot_path = hot_path
         #: host copies of launched steps not recorded yet (delayed on the accelerator path)
         self._pipeline = HostPipeline()
@@ -266,8 +262,6 @@ class GradWatcher:
         self.history.context["lr"] = max(lr_values) if lr_values else None
         self.scaler = scaler
         if scaler is not None:
-            if not callable(getattr(scaler, "get_scale", None)):
-                raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
             self.history.context["amp_loss_scaling"] = bool(getattr(scaler, "is_enabled", lambda: True)())
         self._set_layers(layers)
         self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
@@ -284,29 +278,13 @@ class GradWatcher:
             from gradwatch.autofix import AutoFixer
 
             self.autofixer = AutoFixer(self, self.auto_fix, probe_steps=auto_fix_probe_steps,
-                                       verify_steps=auto_fix_verify_steps, options=auto_fix_options)
+                                       verify_steps=auto_fix_verify_steps, options=opts.auto_fix_options)
         if log_dir is not None:
             from gradwatch.tensorboard import TensorBoardSink
 
             self.sinks.append(TensorBoardSink(log_dir, watcher=self))
 
     # -- set-up --------------------------------------------------------------------------------
-    @staticmethod
-    def _normalise_auto_fix(auto_fix: bool | Iterable[str]) -> tuple[str, ...]:
-        from gradwatch.fixes.registry import default_fixes, list_fixes
-
-        if auto_fix is False or auto_fix is None:
-            return ()
-        if auto_fix is True:
-            return tuple(default_fixes())  # opt-in fixes only when named
-        if isinstance(auto_fix, str):
-            auto_fix = [auto_fix]
-        names = tuple(auto_fix)
-        unknown = [n for n in names if n not in list_fixes()]
-        if unknown:
-            raise ValueError(f"auto_fix: unknown fix name(s) {unknown}; allowed: {tuple(list_fixes())}")
-        return names
-
     def _set_layers(self, layers: list[LayerInfo]) -> None:
         if getattr(self, "_buffer", None) or getattr(self, "_pipeline", None):
             self._drain()  # recorded under the layers they were measured with
@@ -787,46 +765,18 @@ class GradWatcher:
         return f"GradWatcher({self.name!r}, layers={len(self.layers)}, collected={self.collected}, closed={self.closed})"
 
 
-#: ``GradWatcher`` options that are counts or cadences: name -> whether 0 is allowed
-_COUNT_OPTIONS = {"every_n_steps": False, "slow_stats_every_n": False, "activation_every_n_steps": False,
-                  "histogram_every_n_steps": True, "figure_every_n_steps": True, "diagnose_every_n_steps": True,
-                  "history_capacity": False, "auto_fix_probe_steps": False, "auto_fix_verify_steps": False}
-
-
 def check_watch_options(options: Mapping[str, Any], *, exclude: Iterable[str] = (),
                         caller: str = "gradwatch.watch") -> None:
     """Validate :func:`watch` keyword options before there is a model to watch.
 
-    Training integrations take ``watch``'s options in their constructor and create the watcher only
-    when training starts; this checks them at construction, with the checks ``GradWatcher`` itself
-    runs, so a typo fails where it was made.
-
-    Args:
-        options: keyword options as they would be passed to :func:`watch`.
-        exclude: option names that do not apply to the caller (rejected like unknown ones).
-        caller: named in error messages.
+    Kept for callers of earlier versions: :meth:`gradwatch.options.WatchOptions.build` does the same and
+    returns the options.
 
     Raises:
-        TypeError: an unknown or excluded option name, or a wrongly typed ``thresholds``.
+        TypeError: an unknown or excluded option name, or a wrongly typed value.
         ValueError: a count or cadence out of range, an unknown ``on_error`` or fix name.
     """
-    allowed = [n for n in inspect.signature(GradWatcher.__init__).parameters
-               if n not in ("self", "model") and n not in set(exclude)]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"{caller}: unknown or inapplicable option(s) {unknown}; allowed: {allowed}")
-    for name, allow_zero in _COUNT_OPTIONS.items():
-        if name in options:
-            _check_every(name, options[name], allow_zero=allow_zero)
-    if options.get("histogram_max_elements") is not None:
-        _check_every("histogram_max_elements", options["histogram_max_elements"])
-    if options.get("on_error", "detach") not in ("detach", "raise"):
-        raise ValueError(f"on_error must be 'detach' or 'raise', got {options['on_error']!r}")
-    thresholds = options.get("thresholds")
-    if thresholds is not None and not isinstance(thresholds, Thresholds):
-        raise TypeError(f"thresholds must be a gradwatch.Thresholds, got {type(thresholds).__name__}")
-    if "auto_fix" in options:
-        GradWatcher._normalise_auto_fix(options["auto_fix"])
+    WatchOptions.build(caller, exclude=exclude, **options)
 
 
 def watch(model: nn.Module, **kwargs: Any) -> GradWatcher:

@@ -24,8 +24,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gradwatch.findings import FINDING_KINDS, Diagnosis
 from gradwatch.fixes.clipping import clip_to_norm_, global_norm
+from gradwatch.options import WatchOptions, check_names
 from gradwatch.report import for_logs
-from gradwatch.watcher import GradWatcher, check_watch_options
+from gradwatch.watcher import GradWatcher
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -137,14 +138,9 @@ class GradWatchTrainerCallback(TrainerCallback):
         verbose: bool = True,
         **watch_options: Any,
     ) -> None:
-        check_watch_options(watch_options, exclude=_NOT_APPLICABLE, caller="GradWatchTrainerCallback")
-        self.watch_options = dict(watch_options)
-        kinds = (fail_on,) if isinstance(fail_on, str) else tuple(fail_on)
-        unknown = [k for k in kinds if k not in FINDING_KINDS]
-        if unknown:
-            raise ValueError(f"GradWatchTrainerCallback: fail_on has unknown finding kind(s) {unknown}; "
-                             f"allowed: {FINDING_KINDS}")
-        self.fail_on = kinds
+        #: The ``gradwatch.watch`` options the watcher is created with (validated here, at construction).
+        self.options = WatchOptions.build("GradWatchTrainerCallback", exclude=_NOT_APPLICABLE, **watch_options)
+        self.fail_on = check_names("GradWatchTrainerCallback: fail_on", fail_on, FINDING_KINDS, what="finding kind")
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise TypeError(f"GradWatchTrainerCallback: log_dir must be a directory path or None, got {type(log_dir).__name__}")
         self.log_dir = log_dir
@@ -202,7 +198,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._diagnosis, self._logged_signature, self.stop_reason = None, None, None
         self.clipped_steps, self.skipped_steps = [], []
         self._optimizer_steps = 0
-        self.watcher = GradWatcher(model, hook_optimizer=False, **self.watch_options)
+        self.watcher = GradWatcher(model, **self.options.replace(hook_optimizer=False).as_kwargs())
         watcher = self.watcher
         if optimizer is not None:
             watcher.note_optimizers(optimizer)

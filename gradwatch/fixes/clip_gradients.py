@@ -46,6 +46,9 @@ class ClipGradients(Fix):
         percentile: AutoClip percentile (default ``10``).
         clip_factor: AGC ``lambda`` (default ``0.01``).
         window: AutoClip history length (default ``10_000``).
+        attach: ``True`` (default) installs the clipper as the optimizer's step pre-hook; ``False``
+            builds it unattached, in ``FixReport.clippers``, for a training framework that clips by
+            itself (Lightning's ``gradient_clip_val``) and drives it with ``clipper.observe``.
 
     Raises:
         ValueError: unknown mode or bad values (checked by :class:`GradientClipper`).
@@ -70,6 +73,7 @@ class ClipGradients(Fix):
         percentile: float = 10.0,
         clip_factor: float = 0.01,
         window: int | None = 10_000,
+        attach: bool = True,
     ):
         if mode not in MODES:
             raise ValueError(f"clip_gradients: mode={mode!r}; allowed: {MODES}")
@@ -78,6 +82,7 @@ class ClipGradients(Fix):
         self.percentile = percentile
         self.clip_factor = clip_factor
         self.window = window
+        self.attach = bool(attach)
         self._build(1.0 if max_norm is None else max_norm, None)  # validate values now
 
     def options(self) -> dict[str, Any]:
@@ -87,6 +92,7 @@ class ClipGradients(Fix):
             "percentile": self.percentile,
             "clip_factor": self.clip_factor,
             "window": self.window,
+            "attach": self.attach,
         }
 
     def _build(self, max_norm: float, history: Sequence[float] | None) -> GradientClipper:
@@ -159,8 +165,11 @@ class ClipGradients(Fix):
 
     def execute(self, ctx: FixContext, plan: Plan, change: Change) -> None:
         assert ctx.optimizer is not None
-        clipper = self._build(plan.private["max_norm"], plan.private["history"]).attach(ctx.optimizer)
+        clipper = self._build(plan.private["max_norm"], plan.private["history"])
+        if self.attach:
+            clipper.attach(ctx.optimizer)
         ctx.clippers.append(clipper)
         threshold = clipper.threshold
         change.details["clipper"]["threshold"] = threshold if math.isfinite(threshold) else None
-        change.optimizer = f"step pre-hook installed: {clipper!r}"
+        change.optimizer = (f"step pre-hook installed: {clipper!r}" if self.attach
+                            else f"not attached (the training framework clips): {clipper!r}")

@@ -240,6 +240,21 @@ class GradientClipper:
             self.clipped_steps += 1
         return norm
 
+    @torch.no_grad()
+    def observe(self, parameters: Iterable[torch.Tensor]) -> float:
+        """Record the global norm of the gradients of ``parameters`` without clipping; returns it.
+
+        For a training framework that clips by itself (Lightning's ``gradient_clip_val``): AutoClip's
+        history and :attr:`threshold` follow the norms it sees, and the framework clips at the threshold.
+        """
+        grads = _grads(parameters)
+        norm = float(global_norm(grads)) if grads else 0.0
+        self.last_norm = norm
+        if self.mode == "autoclip" and grads and math.isfinite(norm):
+            self.history.append(norm)
+        self._threshold = self._current_threshold()
+        return norm
+
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._retired:
             return

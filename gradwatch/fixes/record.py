@@ -9,6 +9,7 @@ fixed model can be loaded strictly.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -113,6 +114,15 @@ class FixReport:
         """True when the model or the optimizer was changed."""
         return bool(self.applied)
 
+    def touched_paths(self) -> set[str]:
+        """Module paths whose parameters or buffers the applied changes created or rewrote (what other
+        processes must receive after a fix)."""
+        out: set[str] = set()
+        for change in self.applied:
+            out.update(change.layers)
+            out.update(op["path"] for op in change.ops)
+        return out
+
     @property
     def optimizer_rebuild_required(self) -> bool:
         """True when parameters were added or removed and no optimizer was given to update."""
@@ -190,3 +200,64 @@ class FixReport:
             lines.append("  code for your own model:")
             lines.extend("    " + line for line in self.code.splitlines())
         return "\n".join(lines)
+
+
+def to_plain(data: Any) -> Any:
+    """``data`` as plain JSON-able Python: what a checkpoint may hold under ``torch.load(weights_only=True)``
+    (tensors and numpy values become lists and numbers, tuples and sets lists, anything else its ``str``)."""
+    return json.loads(json.dumps(data, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)  # tensors, numpy arrays and scalars
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, tuple | set):
+        return list(value)
+    return str(value)
+
+
+@dataclass
+class FixRecord:
+    """A :class:`FixReport` in effect on a model, as a training framework keeps it in its checkpoints.
+
+    ``to_dict()`` is plain JSON-able data (what ``torch.load(weights_only=True)`` accepts):
+    ``{"id", "source", "step", "report": FixReport.to_dict()}``; ``from_dict`` reads it back.
+
+    Attributes:
+        source: who applied it (``"preflight"``, ``"auto_fix"``...).
+        step: the training step it was applied at (``None`` before training).
+        report: what was changed.
+        id: unique per record, so a record is replayed once per model instance.
+    """
+
+    source: str
+    step: int | None
+    report: FixReport
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def structural(self) -> bool:
+        """True when the record changed the module tree (a fresh model needs it replayed)."""
+        return any(c.structural for c in self.report.applied)
+
+    @property
+    def changes_parameters(self) -> bool:
+        """True when the record added or removed parameters (the optimizer's groups changed)."""
+        return any(c.params_added or c.params_removed for c in self.report.applied)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain({"id": self.id, "source": self.source, "step": self.step, "report": self.report.to_dict()})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FixRecord:
+        """Rebuild a record from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: a malformed record or report, naming what is wrong.
+        """
+        if not isinstance(data, dict) or "report" not in data:
+            raise ValueError(f"a fix record must be a dict with a 'report', got {data!r:.200}")
+        step = data.get("step")
+        return cls(source=str(data.get("source", "")), step=None if step is None else int(step),
+                   report=FixReport.from_dict(data["report"]), id=str(data.get("id") or uuid.uuid4().hex))

@@ -99,12 +99,14 @@ class Snapshot:
 
 
 @torch.no_grad()
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Snapshot:
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, tree_only: bool = False) -> Snapshot:
     """Capture ``model`` (and ``optimizer``) so that ``.restore()`` puts them back bit for bit.
 
     Args:
         model: the model (wrappers are looked through).
         optimizer: its optimizer, restored with the model when given.
+        tree_only: with ``True`` only the module tree and modes are captured (no copy of any tensor):
+            enough to undo structural changes before a checkpoint overwrites every value anyway.
 
     Returns:
         A :class:`Snapshot`; call ``.restore()`` to roll back.
@@ -130,7 +132,7 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
             )
         )
         for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is None or id(tensor) in seen:
+            if tree_only or tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
             values.append((tensor, tensor.detach().clone()))

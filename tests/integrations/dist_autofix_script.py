@@ -20,7 +20,7 @@ from lit_fix_models import LitFixMLP
 from lit_models import TRAINER_DEFAULTS
 from torch import nn
 
-from gradwatch.integrations import lightning_fixes
+from gradwatch.integrations import lightning_distributed
 from gradwatch.integrations.lightning import GradWatchCallback
 
 RANK = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning's launcher for the started rank
@@ -40,7 +40,7 @@ def _checksum(module: nn.Module, prefixes: set[str]) -> float:
 
 
 def _record_broadcasts(log: list[dict[str, float]]) -> None:
-    original = lightning_fixes.broadcast_modules
+    original = lightning_distributed.broadcast_modules
 
     def recording(trainer: Any, module: nn.Module, prefixes: Any) -> int:
         prefixes = set(prefixes)
@@ -49,7 +49,7 @@ def _record_broadcasts(log: list[dict[str, float]]) -> None:
         log.append({"before": before, "after": _checksum(module, prefixes), "copied": copied})
         return copied
 
-    lightning_fixes.broadcast_modules = recording
+    lightning_distributed.broadcast_modules = recording
 
 
 def main(mode: str, out: Path) -> None:

@@ -23,14 +23,25 @@ from lit_models import TRAINER_DEFAULTS, LitMLP, LitShardedMLP, LitTensorParalle
 
 from gradwatch.findings import Diagnosis
 from gradwatch.integrations.lightning import GradientHealthError, GradWatchCallback
+from gradwatch.integrations.lightning_fail_on import FailOn
+
+
+class _RankOneFailOn(FailOn):
+    """Only rank 1 sees a failing finding (from its third collected step): every rank must stop."""
+
+    def __init__(self, callback: GradWatchCallback) -> None:
+        super().__init__(callback.fail_on, callback.diagnose)
+        self.callback = callback
+
+    def failing(self, diag: Diagnosis, unscale: object) -> list:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning's launcher for the started ranks
+        return ["rank-local finding"] if rank == 1 and self.callback._optimizer_steps >= 3 else []
 
 
 class _FailsOnRankOne(GradWatchCallback):
-    """Only rank 1 sees a failing finding (from its third collected step): every rank must stop."""
-
-    def _failing(self, diag: Diagnosis) -> list:
-        rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning's launcher for the started ranks
-        return ["rank-local finding"] if rank == 1 and self._optimizer_steps >= 3 else []
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._fail_on = _RankOneFailOn(self)
 
 
 #: collective timeout of the sharded-detach runs: a rank left waiting in a reduction gives up after it

@@ -22,8 +22,9 @@ from lit_models import TRAINER_DEFAULTS, dataset
 from torch import nn
 
 import gradwatch
-from gradwatch.integrations import lightning_fixes
+from gradwatch.integrations import lightning_checkpoint
 from gradwatch.integrations.lightning import GradWatchCallback, replay_checkpoint
+from gradwatch.integrations.lightning_autofix import TrainerClipping
 
 STEPS_PER_EPOCH = 8  # 64 samples, batch 8
 
@@ -140,8 +141,8 @@ def test_fixed_run_resumes_from_its_checkpoint_with_the_record_replayed_once(
     assert len(saved["optimizer_states"][0]["param_groups"]) == 2
 
     replays: list[int] = []
-    original = lightning_fixes.replay
-    monkeypatch.setattr(lightning_fixes, "replay", lambda m, r: replays.append(1) or original(m, r))
+    original = lightning_checkpoint.replay
+    monkeypatch.setattr(lightning_checkpoint, "replay", lambda m, r: replays.append(1) or original(m, r))
     resumed = _batchnorm_callback(auto_fix_verify_steps=2)
     fresh = _sigmoid_mlp(scheduler="lambda", momentum=0.9)
     trainer = _trainer(tmp_path, resumed, max_epochs=2)
@@ -276,6 +277,16 @@ def test_clipping_is_refused_with_a_reason_where_lightning_cannot_clip(tmp_path:
     assert event.action == "refused" and "already clips gradients (gradient_clip_val=0.5)" in event.detail
     assert callback.watcher is not None and callback.watcher.auto_fix == ("he_init",)
     assert trainer.gradient_clip_val == 0.5
+
+
+def test_clipping_state_saved_by_earlier_versions_still_loads() -> None:
+    saved = {"mode": "autoclip", "max_norm": 1.0, "percentile": 50.0, "window": 100, "clip_factor": 0.01, "eps": 1e-3,
+             "history": [1.0, 3.0], "step": 4, "gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm"}
+    clipping = TrainerClipping.from_dict(saved)
+    assert clipping.step == 4 and clipping.gradient_clip_val == pytest.approx(2.0) and clipping.seeded
+    state = clipping.state_dict()
+    assert {k: state[k] for k in saved} == saved
+    assert TrainerClipping.from_dict({"mode": "agc", "clip_factor": 0.02}).gradient_clip_val is None
 
 
 # -- preflight ----------------------------------------------------------------------------------------------
