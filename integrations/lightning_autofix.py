@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from gradwatch.autofix import AutoFixer, AutoFixEvent
-from gradwatch.fixes.registry import structural_fixes
 from gradwatch.fixes import FixReport, apply_fixes
 from gradwatch.fixes.clipping import GradientClipper, agc_
 from gradwatch.fixes.record import to_plain
+from gradwatch.fixes.registry import structural_fixes
 from gradwatch.integrations.lightning_distributed import agree, strategy_kind
 
 if TYPE_CHECKING:
