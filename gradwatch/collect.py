@@ -34,6 +34,10 @@ exact 0 counts as a zero gradient when the layer's last measured max |g| was 0 a
 Memory: nothing parameter-sized is allocated per step. With ``track_updates`` the collector keeps
 one persistent copy of the weights (allocated on the first slow step, reused, freed by the watcher's
 ``close()``); the CPU scratch buffer is at most 4 MiB per device.
+
+This module runs a step (device launch, then host finish); how tensors are grouped lives in
+:mod:`gradwatch.collect_plan`, the reductions in :mod:`gradwatch.collect_reduce`, the all-reduce of
+sharded rows in :mod:`gradwatch.collect_shards`, and the rows and metric columns in :mod:`gradwatch.metrics`.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from gradwatch.collect_plan import ReductionPlan, WeightSnapshot, as_real_dense,
 from gradwatch.collect_reduce import CHUNK, slot_statistics, weight_statistics
 from gradwatch.collect_shards import PeerWatcherFailed, reduce_sharded_rows, scale_rows, zero_rows
 from gradwatch.layers import LayerInfo
-from gradwatch.metrics import GRAD, GRAD_METRICS, PARTIALS, ROW, SUM_ROWS
+from gradwatch.metrics import GRAD, GRAD_METRICS, MAX_ROWS, PARTIALS, ROW, SUM_ROWS
 from gradwatch.transfer import resolve_hot_path
 
 #: column index of each gradient metric (``G["grad_norm"]``), from the schema in :mod:`gradwatch.metrics`
@@ -298,11 +302,11 @@ class GradientCollector:
             rows = host[0].numpy().astype(np.float64)  # a copy: _repair may write into it
         else:
             rows = np.zeros((_N_ROWS, n))
-            rows[_MAX] = -np.inf
+            rows[MAX_ROWS] = -np.inf
             for t in host:
                 a = t.numpy().astype(np.float64)
                 rows[SUM_ROWS] += a[SUM_ROWS]
-                rows[_MAX] = np.maximum(rows[_MAX], a[_MAX])
+                rows[MAX_ROWS] = np.maximum(rows[MAX_ROWS], a[MAX_ROWS])
         nonfinite = np.zeros(n)
         present = rows[_NUMEL] > 0
         everywhere = bool(present.all())

@@ -6,6 +6,7 @@ the history's buffers), kept apart so the store itself stays about recording and
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -20,6 +21,23 @@ _STATE_VERSION = 1
 
 class HistoryCheckpoint:
     """``state_dict`` / ``load_state_dict`` of a :class:`gradwatch.history.History`."""
+
+    # the history's state these methods read and replace (set by ``History.__init__``)
+    layers: list[str]
+    layer_meta: dict[str, LayerMeta]
+    activations: list[str]
+    activation_meta: dict[str, ActivationMeta]
+    _grad: RingBuffer
+    _scalars: RingBuffer
+    _act: RingBuffer
+    _signal: RingBuffer
+    _summary: BlockSummary
+    first_nonfinite: tuple[int, list[str]] | None
+    nonfinite_provenance: dict[str, Any] | None
+    loss_scales: deque[tuple[int, float]]
+    nonfinite_steps: int
+    total_steps: int
+    context: dict[str, Any]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything kept (recent window, samples, long-term summary, counters) as plain data.
@@ -152,7 +170,6 @@ class HistoryCheckpoint:
         context = dict(state.get("context", {}))
         context.update(self.context)  # what the current run set up wins over the saved context
         self.context = context
-
 
 
 def _meta(cls: type, data: dict[str, Any] | None) -> Any:
