@@ -35,9 +35,7 @@ import torch
 from torch import nn
 
 from gradwatch.layers import LayerInfo, activation_kind
-
-ACT_METRICS: tuple[str, ...] = ("dead_frac", "saturated_frac", "unit_samples")
-LAYER_SIGNAL_METRICS: tuple[str, ...] = ("act_rms", "out_grad_rms", "time_decay_decades")
+from gradwatch.metrics import ACT_METRICS, LAYER_SIGNAL_METRICS
 
 _CHANNEL_FIRST = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm", "MaxPool", "AvgPool")
 
@@ -204,7 +202,8 @@ class ActivationSampler:
             else:
                 dead, samples = nan, nan
             sat = _saturated(kind, module, x.float(), y.float())  # no copy for float32
-            self._act[name] = torch.stack([dead.float(), (sat if sat is not None else nan).float(), samples.float()])
+            measured = {"dead_frac": dead, "saturated_frac": sat if sat is not None else nan, "unit_samples": samples}
+            self._act[name] = torch.stack([measured[m].float() for m in ACT_METRICS])
 
         return hook
 
@@ -261,12 +260,11 @@ class ActivationSampler:
         if not self.captured:
             return None
         self.captured = False
-        nan3 = torch.full((len(ACT_METRICS),), math.nan, device=device)
+        no_act = torch.full((len(ACT_METRICS),), math.nan, device=device)
         nan1 = torch.full((), math.nan, device=device)
-        parts = [self._act.get(name, nan3).to(device) for name, _ in self.activations]
-        fwd = [self._fwd.get(layer.name, nan1).to(device) for layer in self.layers]
-        bwd = [self._bwd.get(layer.name, nan1).to(device) for layer in self.layers]
-        tim = [self._time.get(layer.name, nan1).to(device) for layer in self.layers]
+        parts = [self._act.get(name, no_act).to(device) for name, _ in self.activations]
+        by_metric = {"act_rms": self._fwd, "out_grad_rms": self._bwd, "time_decay_decades": self._time}
+        signal = [[by_metric[m].get(layer.name, nan1).to(device) for layer in self.layers] for m in LAYER_SIGNAL_METRICS]
         self._act.clear()
         self._fwd.clear()
         self._bwd.clear()
@@ -274,12 +272,12 @@ class ActivationSampler:
         flat = []
         if parts:
             flat.append(torch.stack(parts).reshape(-1))
-        if fwd:
-            flat.append(torch.stack([torch.stack(fwd), torch.stack(bwd), torch.stack(tim)], dim=1).reshape(-1))
+        if self.layers:
+            flat.append(torch.stack([torch.stack(col) for col in signal], dim=1).reshape(-1))
         return torch.cat(flat) if flat else torch.zeros(0, device=device)
 
     def split(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Undo :meth:`gather`'s flattening: ``(act[n_act, 3], layer[n_layers, 2])``."""
+        """Undo :meth:`gather`'s flattening: ``(act[n_act, len(ACT_METRICS)], layer[n_layers, len(LAYER_SIGNAL_METRICS)])``."""
         n_act = len(self.activations) * len(ACT_METRICS)
         act = host[:n_act].reshape(len(self.activations), len(ACT_METRICS))
         lay = host[n_act:].reshape(len(self.layers), len(LAYER_SIGNAL_METRICS))

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from gradwatch.fixes.registry import fix_reason
-from gradwatch.history import HistoryView
+from gradwatch.history import LAST_SIGNAL_METRICS, HistoryView
+from gradwatch.metrics import SIGNAL
 from gradwatch.thresholds import Thresholds
 
 #: ``E[phi(z)^2] / E[z^2]`` for the activation modules gradwatch sees, at unit-variance Gaussian
@@ -106,7 +107,7 @@ def build_chain(view: HistoryView, weight_norm: np.ndarray) -> Chain:
         if i is not None:
             f = ACTIVATION_MEAN_SQUARE.get(meta.type_name, math.nan)
             factor[i] = math.nan if f is None else f
-    act_rms, out_grad_rms = _latest_signal(view, 0), _latest_signal(view, 1)
+    act_rms, out_grad_rms = _latest_signal(view, "act_rms"), _latest_signal(view, "out_grad_rms")
     segments: list[list[int]] = []
     current: list[int] = []
     for i, m in enumerate(view.layer_meta):
@@ -126,13 +127,13 @@ def build_chain(view: HistoryView, weight_norm: np.ndarray) -> Chain:
     return Chain(gain=gain, act_factor=factor, act_rms=act_rms, out_grad_rms=out_grad_rms, segments=segments)
 
 
-def _latest_signal(view: HistoryView, metric: int) -> np.ndarray:
-    """Latest finite sample of ``act_rms`` (0) or ``out_grad_rms`` (1) per layer: the window's samples
+def _latest_signal(view: HistoryView, metric: str) -> np.ndarray:
+    """Latest finite sample of ``metric`` (``act_rms`` or ``out_grad_rms``) per layer: the window's samples
     first, then the run's record (a diverged run's window holds only NaN)."""
     n = len(view.layers)
     out = np.full(n, np.nan)
     if len(view.sample_steps) and view.signal.shape[1] == n:
-        rms = view.signal[:, :, metric].astype(np.float64)
+        rms = view.signal[:, :, SIGNAL[metric]].astype(np.float64)
         for i in range(n):
             col = rms[:, i][np.isfinite(rms[:, i]) & (rms[:, i] > 0)]
             if len(col):
@@ -140,7 +141,7 @@ def _latest_signal(view: HistoryView, metric: int) -> np.ndarray:
     last = view.last_finite_signal
     if last is not None and len(last) == n:
         missing = ~np.isfinite(out)
-        out[missing] = last[missing, metric]
+        out[missing] = last[missing, LAST_SIGNAL_METRICS.index(metric)]
     return out
 
 

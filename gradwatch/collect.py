@@ -34,6 +34,10 @@ exact 0 counts as a zero gradient when the layer's last measured max |g| was 0 a
 Memory: nothing parameter-sized is allocated per step. With ``track_updates`` the collector keeps
 one persistent copy of the weights (allocated on the first slow step, reused, freed by the watcher's
 ``close()``); the CPU scratch buffer is at most 4 MiB per device.
+
+This module runs a step (device launch, then host finish); how tensors are grouped lives in
+:mod:`gradwatch.collect_plan`, the reductions in :mod:`gradwatch.collect_reduce`, the all-reduce of
+sharded rows in :mod:`gradwatch.collect_shards`, and the rows and metric columns in :mod:`gradwatch.metrics`.
 """
 
 from __future__ import annotations
@@ -46,34 +50,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradwatch.collect_plan import ReductionPlan, WeightSnapshot, as_real_dense, local_shard
+from gradwatch.collect_reduce import CHUNK, slot_statistics, weight_statistics
+from gradwatch.collect_shards import PeerWatcherFailed, reduce_sharded_rows, scale_rows, zero_rows
 from gradwatch.layers import LayerInfo
+from gradwatch.metrics import GRAD, GRAD_METRICS, MAX_ROWS, PARTIALS, ROW, SUM_ROWS
 from gradwatch.transfer import resolve_hot_path
 
-#: Per-layer gradient metrics, in the column order of the history's gradient table.
-GRAD_METRICS: tuple[str, ...] = (
-    "grad_norm",        # L2 norm of the layer's gradients (finite values)
-    "grad_mean_abs",    # mean |g| over the layer's elements that have a gradient (slow-stat cadence)
-    "grad_max_abs",     # max |g| (finite values)
-    "grad_zero_frac",   # fraction of exactly-zero gradient elements (slow-stat cadence)
-    "nonfinite",        # count of NaN/Inf gradient elements
-    "weight_norm",      # L2 norm of the layer's parameters (slow-stat cadence)
-    "grad_to_weight",   # grad_norm / weight_norm (latest weight norm)
-    "update_ratio",     # ||w_{t+1} - w_t|| / ||w_t|| of one optimizer step (step after a slow step)
-)
-G = {name: i for i, name in enumerate(GRAD_METRICS)}
-
-# Rows of the on-device result tensor.
-_SUMSQ, _L1, _MAX, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ = range(8)
-_N_ROWS = 8
-
-#: CPU: tensors with at least this many elements are reduced one by one with BLAS (a call costs
-#: a few microseconds, less than stacking such a tensor would); smaller ones are stacked by shape
-#: and reduced together (a shape held by a single tensor is reduced on its own).
-_BIG = 1 << 12
-#: the same where sums are float64 (a BLAS dot of float32 values rounds each square to float32)
-_BIG_WIDE = 1 << 15
-#: CPU: elements per chunk of the slow step's ``sign`` scratch buffer (4 MiB, stays in cache).
-_CHUNK = 1 << 20
+#: column index of each gradient metric (``G["grad_norm"]``), from the schema in :mod:`gradwatch.metrics`
+G = GRAD
+# rows of the on-device statistics (:data:`gradwatch.metrics.PARTIALS`)
+_SUMSQ, _L1, _MAX, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ = (ROW[name] for name in (
+    "sumsq", "l1", "max_abs", "numel", "zeros", "weight_sumsq", "update_sumsq", "snapshot_sumsq"))
+_N_ROWS = len(PARTIALS)
+#: float32 sums of squares below this are recomputed in float64 (``finish``); above it the squares
+#: lost to underflow (< 2**-149 each) change the sum by less than n * 2**-49 relative.
+_TINY_SUMSQ = 2.0**-100
 
 
 @dataclass
@@ -101,86 +93,8 @@ _GRAD = operator.attrgetter("grad")
 #: torch's C++ grouping of tensor lists by (device, dtype), as its foreach optimizers use it
 _GROUP = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
 
-#: gradient dtypes reduced as they are (anything else -- complex, integer -- goes through ``_as_real_dense``)
+#: gradient dtypes reduced as they are (anything else -- complex, integer -- goes through ``as_real_dense``)
 _REAL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
-
-
-def _is_flat_f32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.is_contiguous()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The part of ``t`` held by this process: the local shard of a DTensor (FSDP2), else ``t``."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def _as_real_dense(g: torch.Tensor) -> torch.Tensor:
-    g = _local(g)  # DTensor shard (FSDP2): statistics of the local shard
-    if g.layout != torch.strided:
-        g = g.coalesce().values() if g.is_sparse else g.to_dense()
-    if g.is_complex():
-        g = g.abs()
-    return g
-
-
-class _Plan:
-    """How one list of tensors (one device, a fixed set of parameters) is reduced, cached per layout.
-
-    Slots are the tensors in computation order: the ``big`` ones (CPU: one BLAS reduction each),
-    then the ``groups`` of equally shaped small ones (stacked), then the ``other`` ones (one
-    ``_foreach_norm`` call; everything on accelerators). ``idx[s]`` is the layer of slot ``s``.
-    """
-
-    __slots__ = ("big", "groups", "other", "order", "idx", "numel_row", "acc", "positions", "buffers", "all_present")
-
-    def __init__(self, tensors: list[torch.Tensor], positions: list[int], owner: list[int], numel: list[int],
-                 n_layers: int, device: torch.device, acc: torch.dtype, batched: bool):
-        self.big: list[int] = []
-        groups: dict[tuple, list[int]] = {}
-        narrow = acc == torch.float32  # float64 sums (a float64 gradient on the device): stack small ones in float64
-        self.other: list[int] = []
-        for j, t in enumerate(tensors):
-            if t.numel() == 0:  # contributes nothing (and has no infinity norm)
-                continue
-            if not batched:
-                self.other.append(j)
-            elif _is_flat_f32(t) and t.numel() >= (_BIG if narrow else _BIG_WIDE):
-                self.big.append(j)
-            elif t.numel() < (_BIG if narrow else _BIG_WIDE):
-                groups.setdefault((tuple(t.shape), t.dtype), []).append(j)
-            else:
-                self.other.append(j)
-        self.groups = []
-        for members in groups.values():
-            if len(members) == 1 and narrow and _is_flat_f32(tensors[members[0]]):
-                self.big.append(members[0])  # stacking one tensor would only copy it
-            else:
-                self.groups.append(members)
-        self.order = self.big + [j for grp in self.groups for j in grp] + self.other
-        self.positions = [positions[j] for j in self.order]
-        idx = torch.tensor([owner[i] for i in self.positions], dtype=torch.long)  # built on the host,
-        row = torch.zeros(n_layers, dtype=torch.float64)                         # then moved (no sync)
-        row.index_add_(0, idx, torch.tensor([float(numel[i]) for i in self.positions], dtype=torch.float64))
-        self.idx = idx.to(device)
-        self.numel_row = row.to(device=device, dtype=acc)
-        self.all_present = bool((row > 0).all())  # every layer has elements among these tensors
-        self.acc = acc
-        self.buffers: dict[int, torch.Tensor] = {}  # per group: its stacking buffer (gradients only)
-
-
-class _Snapshot:
-    """The weights of one device at the last slow-stat step, to measure the next optimizer update."""
-
-    __slots__ = ("key", "wsq", "big", "groups", "other")
-
-    def __init__(self, key: tuple):
-        self.key = key                                   # the weight plan's layout
-        self.wsq: torch.Tensor | None = None             # per-slot ||w||^2 when taken; None once used
-        self.big: list[torch.Tensor | None] = []         # persistent flat buffers (plan.big order)
-        self.groups: list[torch.Tensor] = []             # stacked weights (plan.groups order)
-        self.other: list[torch.Tensor] = []              # persistent buffers (plan.other order)
-
 
 class GradientCollector:
     """Computes per-layer gradient statistics for a fixed list of layers.
@@ -201,7 +115,7 @@ class GradientCollector:
         self.params: list[torch.nn.Parameter] = [p for layer in self.layers for p in layer.params]
         owner = [i for i, layer in enumerate(self.layers) for _ in layer.params]
         self._owner = owner
-        self._numel = [_local(p).numel() for p in self.params]  # local shard (reduced across ranks)
+        self._numel = [local_shard(p).numel() for p in self.params]  # local shard (reduced across ranks)
         self._all_positions = list(range(len(self.params)))
         #: the weights are read as they are (dense, real, not sharded): no per-parameter conversion
         self._plain_weights = all(type(p) in (torch.nn.Parameter, torch.Tensor) and p.layout == torch.strided
@@ -209,7 +123,7 @@ class GradientCollector:
         #: a module that can produce sparse gradients (``sparse=True`` embeddings): always the full check
         self._maybe_sparse = _GROUP is None or any(getattr(layer.module, "sparse", False) is True for layer in self.layers) \
             or any(p.layout != torch.strided for p in self.params)
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans: dict[tuple, ReductionPlan] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._last_weight_norm = np.full(len(self.layers), math.nan)
         #: fast host path: (weight norms, 1 / them, row template), rebuilt when the weight norms change
@@ -218,7 +132,7 @@ class GradientCollector:
         self._plan_all_present = False
         self._last_max = np.full(len(self.layers), math.inf)  # max |g| of the last slow step (unknown: inf)
         #: per device, the weight copy for the update ratio; ``None`` frees them (the watcher's close)
-        self._snapshot: dict[torch.device, _Snapshot] | None = None
+        self._snapshot: dict[torch.device, WeightSnapshot] | None = None
         self._had_snapshot = False
         self.track_updates = track_updates
 
@@ -228,14 +142,14 @@ class GradientCollector:
 
     # -- device side ---------------------------------------------------------------------------
     def _plan(self, kind: str, device: torch.device, positions: list[int], tensors: list[torch.Tensor],
-              acc: torch.dtype, odd: bool) -> tuple[tuple, _Plan]:
+              acc: torch.dtype, odd: bool) -> tuple[tuple, ReductionPlan]:
         key = (kind, device, acc, odd, tuple(positions) if len(positions) != len(self.params) else None)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 64:
                 self._plans.clear()
             batched = device.type == "cpu" and not odd and not self.accelerator_path(device)
-            plan = self._plans[key] = _Plan(tensors, positions, self._owner, self._numel, self.n_layers, device, acc,
+            plan = self._plans[key] = ReductionPlan(tensors, positions, self._owner, self._numel, self.n_layers, device, acc,
                                             batched)
         return key, plan
 
@@ -246,78 +160,9 @@ class GradientCollector:
     def _scratch_for(self, device: torch.device) -> torch.Tensor:
         s = self._scratch.get(device)
         if s is None:
-            s = self._scratch[device] = torch.empty(_CHUNK, dtype=torch.float32, device=device)
+            s = self._scratch[device] = torch.empty(CHUNK, dtype=torch.float32, device=device)
         return s
 
-    @staticmethod
-    def _stack(plan: _Plan, k: int, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """``torch.stack(tensors)`` as ``(len, numel)``, into a buffer kept by the plan: a fresh
-        allocation of that size every step costs page faults on CPU (more than the copy itself)."""
-        buf = plan.buffers.get(k)
-        t0 = tensors[0]
-        if buf is None or buf.dtype != t0.dtype or buf.device != t0.device:
-            buf = plan.buffers[k] = torch.empty((len(tensors), *t0.shape), dtype=t0.dtype, device=t0.device)
-        try:
-            torch.stack(tensors, out=buf)
-        except RuntimeError:  # dtypes changed since the plan was made
-            return torch.stack(tensors).reshape(len(tensors), -1)
-        return buf.view(len(tensors), -1)
-
-    def _reduce(self, plan: _Plan, tensors: list[torch.Tensor], full: bool, extra: bool) -> list[torch.Tensor]:
-        """Per-slot ``[sumsq, max|x|]`` (``full``) or ``[sumsq]``; with ``extra`` also ``[l1, nonzeros]``."""
-        acc = plan.acc
-        cols: list[list[torch.Tensor]] = [[] for _ in range(4 if extra else (2 if full else 1))]
-        if plan.big:
-            sq, lo, hi, l1, nz = [], [], [], [], []
-            scratch = self._scratch_for(tensors[plan.big[0]].device) if extra else None
-            for j in plan.big:
-                t = tensors[j]
-                if t.dtype != torch.float32 or not t.is_contiguous():  # changed since the plan was made
-                    t = t.detach().reshape(-1).to(torch.float32)
-                v = t.view(-1)
-                sq.append(torch.vdot(v, v))
-                if full:
-                    mn, mx = torch.aminmax(v)
-                    lo.append(mn)
-                    hi.append(mx)
-                if extra:
-                    a = b = None
-                    for chunk in v.split(_CHUNK):
-                        s = scratch[: chunk.numel()]
-                        torch.sign(chunk, out=s)
-                        da, db = torch.vdot(chunk, s), torch.vdot(s, s)
-                        a, b = (da, db) if a is None else (a + da, b + db)
-                    l1.append(a)
-                    nz.append(b)
-            cols[0].append(torch.stack(sq).to(acc))
-            if full:
-                cols[1].append(torch.maximum(torch.stack(hi), torch.stack(lo).neg_()).to(acc))
-            if extra:
-                cols[2].append(torch.stack(l1).to(acc))
-                cols[3].append(torch.stack(nz).to(acc))
-        for k, grp in enumerate(plan.groups):
-            x = self._stack(plan, k, [tensors[j] for j in grp])  # a private copy: free to modify
-            if x.dtype != acc:
-                x = x.to(acc)
-            # (measured: amax + amin along a dim beat aminmax(dim=) ~15x; count_nonzero(dim=) is ~10x
-            # slower than summing sign(|x|))
-            cols[0].append(torch.linalg.vector_norm(x, dim=1).square_())
-            if full:
-                cols[1].append(torch.maximum(x.amax(1), x.amin(1).neg_()))
-            if extra:
-                a = x.abs_()
-                cols[2].append(a.sum(1))
-                cols[3].append(a.sign_().sum(1))
-        if plan.other:
-            other = [tensors[j] for j in plan.other]
-            cols[0].append(torch.stack(torch._foreach_norm(other, 2, dtype=acc)).square_())
-            if full:
-                cols[1].append(torch.stack(torch._foreach_norm(other, math.inf, dtype=acc)))
-            if extra:
-                cols[2].append(torch.stack(torch._foreach_norm(other, 1, dtype=acc)))
-                cols[3].append(torch.stack(torch._foreach_norm(other, 0, dtype=acc)))
-        # no slot at all (every tensor on this device has 0 elements): empty columns, nothing to reduce
-        return [c[0] if len(c) == 1 else (torch.cat(c) if c else plan.idx.new_zeros(0, dtype=acc)) for c in cols]
 
     def _device_rows(
         self,
@@ -335,7 +180,8 @@ class GradientCollector:
         self._plan_all_present = plan.all_present
         idx = plan.idx
         out = torch.zeros(_N_ROWS, self.n_layers, dtype=acc, device=device)
-        stats = self._reduce(plan, grads, full=slow, extra=slow)
+        scratch = self._scratch_for(device) if slow and plan.big else None
+        stats = slot_statistics(plan, grads, full=slow, extra=slow, scratch=scratch)
         out[_SUMSQ].index_add_(0, idx, stats[0])
         out[_NUMEL] = plan.numel_row
         if slow:
@@ -351,17 +197,17 @@ class GradientCollector:
             if positions is self._all_positions and self._plain_weights:
                 params = self.params  # under no_grad: no detach op per parameter
             else:
-                params = [_local(self.params[i]) for i in positions]
-                params = [w if w.layout == torch.strided and not w.is_complex() else _as_real_dense(w) for w in params]
+                params = [local_shard(self.params[i]) for i in positions]
+                params = [w if w.layout == torch.strided and not w.is_complex() else as_real_dense(w) for w in params]
             wkey, wplan = self._plan("weight", device, positions, params, acc, False)
             diff = pending and snap.key == wkey
             keep = slow and self.track_updates
             if keep and (snap is None or snap.key != wkey):
-                snap = _Snapshot(wkey)
+                snap = WeightSnapshot(wkey)
                 if snaps is None:
                     snaps = self._snapshot = {}
                 snaps[device] = snap
-            dsq, wsq = self._weights(wplan, params, snap, diff=diff, norm=slow, keep=keep)
+            dsq, wsq = weight_statistics(wplan, params, snap, diff=diff, norm=slow, keep=keep)
             if diff:
                 # one optimizer step since the snapshot: ||w_t - w_{t+1}|| and ||w_t||
                 out[_DSQ].index_add_(0, wplan.idx, dsq)
@@ -373,72 +219,6 @@ class GradientCollector:
                 out[_WSUMSQ].index_add_(0, wplan.idx, wsq)
         return out
 
-    def _weights(self, plan: _Plan, params: list[torch.Tensor], snap: _Snapshot | None, diff: bool, norm: bool,
-                 keep: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Per-slot ``||w_snap - w||^2`` (``diff``: computed in place in the snapshot) and ``||w||^2``
-        (``norm``); with ``keep`` the snapshot is refreshed to ``w``. Large tensors (CPU) are copied into
-        persistent buffers, one at a time so each is still in cache for its norm; small ones are kept
-        as the stacks their norms are computed from anyway; the rest through ``_foreach_*``."""
-        acc, f32 = plan.acc, torch.float32
-        d_parts: list[torch.Tensor] = []
-        w_parts: list[torch.Tensor] = []
-        if plan.big:
-            if keep:
-                while len(snap.big) < len(plan.big):
-                    snap.big.append(None)
-            d, w = [], []
-            for k, j in enumerate(plan.big):
-                t = params[j]
-                v = t.view(-1) if t.dtype == f32 and t.is_contiguous() else t.reshape(-1).to(f32)
-                if diff:
-                    b = snap.big[k]
-                    b.sub_(v)
-                    d.append(torch.vdot(b, b))
-                if keep:
-                    b = snap.big[k]
-                    if b is None or b.numel() != v.numel() or b.device != v.device:
-                        b = snap.big[k] = torch.empty_like(v)
-                    b.copy_(v)
-                    v = b  # read back from cache
-                if norm:
-                    w.append(torch.vdot(v, v))
-            if diff:
-                d_parts.append(torch.stack(d).to(acc))
-            if norm:
-                w_parts.append(torch.stack(w).to(acc))
-        stacks = []
-        for k, grp in enumerate(plan.groups):
-            x = torch.stack([params[j] for j in grp]).reshape(len(grp), -1)
-            if x.dtype != acc:
-                x = x.to(acc)
-            if diff:
-                old = snap.groups[k]
-                old.sub_(x)
-                d_parts.append(torch.linalg.vector_norm(old, dim=1).square_())
-            if norm:
-                w_parts.append(torch.linalg.vector_norm(x, dim=1).square_())
-            stacks.append(x)
-        if keep:
-            snap.groups = stacks
-        elif diff:
-            snap.groups = []
-        if plan.other:
-            other = [params[j] for j in plan.other]
-            if diff:
-                torch._foreach_sub_(snap.other, other)
-                d_parts.append(torch.stack(torch._foreach_norm(snap.other, 2, dtype=acc)).square_())
-            if norm:
-                w_parts.append(torch.stack(torch._foreach_norm(other, 2, dtype=acc)).square_())
-            if keep:
-                if len(snap.other) != len(other) or any(b.shape != t.shape or b.dtype != t.dtype for b, t in
-                                                        zip(snap.other, other, strict=True)):
-                    snap.other = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in other]
-                torch._foreach_copy_(snap.other, other)
-
-        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
-            return parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else plan.idx.new_zeros(0, dtype=acc))
-
-        return (cat(d_parts) if diff else None), (cat(w_parts) if norm else None)
 
     def _uniform(self, grads: list[torch.Tensor | None]) -> tuple[torch.device, torch.dtype] | None:
         """``(device, dtype)`` when every parameter has a plain dense gradient of one real dtype on
@@ -471,7 +251,7 @@ class GradientCollector:
                     continue
                 odd = type(g) is not torch.Tensor or g.layout != torch.strided or g.dtype not in _REAL_DTYPES
                 if odd:
-                    g = _as_real_dense(g)
+                    g = as_real_dense(g)
                 entry = by_device.get(g.device)
                 if entry is None:
                     entry = by_device[g.device] = ([], [], [False, False])
@@ -526,11 +306,11 @@ class GradientCollector:
             rows = host[0].numpy().astype(np.float64)  # a copy: _repair may write into it
         else:
             rows = np.zeros((_N_ROWS, n))
-            rows[_MAX] = -np.inf
+            rows[MAX_ROWS] = -np.inf
             for t in host:
                 a = t.numpy().astype(np.float64)
-                rows[_SUM_ROWS] += a[_SUM_ROWS]
-                rows[_MAX] = np.maximum(rows[_MAX], a[_MAX])
+                rows[SUM_ROWS] += a[SUM_ROWS]
+                rows[MAX_ROWS] = np.maximum(rows[MAX_ROWS], a[MAX_ROWS])
         nonfinite = np.zeros(n)
         present = rows[_NUMEL] > 0
         everywhere = bool(present.all())
@@ -619,7 +399,7 @@ class GradientCollector:
             for p in self.layers[li].params:
                 if p.grad is None:
                     continue
-                g = _as_real_dense(p.grad).detach().to(torch.float64)
+                g = as_real_dense(p.grad).detach().to(torch.float64)
                 finite = torch.isfinite(g)
                 count += int((~finite).sum())
                 gf = g[finite]
@@ -628,7 +408,7 @@ class GradientCollector:
                     l1 += float(gf.abs().sum())
                     mx = max(mx, float(gf.abs().max()))
                 if slow:  # a sparse gradient's implicit elements are zeros too
-                    zeros += float((g == 0).sum()) + (_local(p).numel() - g.numel())
+                    zeros += float((g == 0).sum()) + (local_shard(p).numel() - g.numel())
             nonfinite[li] = count
             rows[_SUMSQ, li] = sumsq
             rows[_L1, li] = l1
@@ -637,65 +417,6 @@ class GradientCollector:
                 rows[_ZEROS, li] = zeros
 
 
-_SUM_ROWS = [_SUMSQ, _L1, _NUMEL, _ZEROS, _WSUMSQ, _DSQ, _SNAPSQ]
-#: float32 sums of squares below this are recomputed in float64 (``finish``); above it the squares
-#: lost to underflow (< 2**-149 each) change the sum by less than n * 2**-49 relative.
-_TINY_SUMSQ = 2.0**-100
 
-
-def zero_rows(n_layers: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Statistic rows of ``n_layers`` layers, all zero: what a failed watcher contributes to a reduction."""
-    return torch.zeros(_N_ROWS, n_layers, dtype=dtype, device=device)
-
-
-class PeerWatcherFailed(RuntimeError):
-    """Raised by :func:`reduce_sharded_rows` on the ranks whose watcher is healthy when the watcher of
-    another rank failed: every rank then stops collecting at the same step (none is left waiting in a
-    collective that a detached watcher no longer joins)."""
-
-
-def reduce_sharded_rows(rows: torch.Tensor, group: object = None, replicas: torch.Tensor | None = None,
-                        failed: bool = False) -> torch.Tensor:
-    """All-reduce statistic rows of sharded parameters: sums add up (sum of squares, L1, counts),
-    maxima take the max. Every rank must call it at the same step (it is a collective).
-
-    Args:
-        rows: the ``(rows, layers)`` statistics of this rank's shards.
-        group: the process group to reduce over (default: the whole world).
-        replicas: optional per-layer count of ranks in ``group`` holding a copy of the same elements
-            (1 for a layer sharded across all of them, the group size for a replicated one); the
-            summed rows are divided by it so replicated layers are not counted several times.
-        failed: this rank's watcher failed: it takes part (``rows`` of the usual shape, zeros) only
-            to tell the others, and the result is meaningless.
-
-    Raises:
-        PeerWatcherFailed: on a rank called with ``failed=False`` when some rank passed ``failed=True``.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return rows
-    sums = rows[_SUM_ROWS].contiguous()
-    # one extra element carries "some rank's watcher failed" through the max reduction (no extra collective)
-    mx = torch.cat([rows[_MAX], rows.new_full((1,), float(failed))])
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-    if not failed and bool(mx[-1] > 0):
-        raise PeerWatcherFailed("the watcher on another rank failed; every rank stops collecting at this step")
-    mx = mx[:-1]
-    if replicas is not None:
-        sums = sums / replicas.to(device=sums.device, dtype=sums.dtype)
-    out = rows.clone()
-    out[_SUM_ROWS] = sums
-    out[_MAX] = mx
-    return out
-
-
-def scale_rows(rows: torch.Tensor, factor: float) -> torch.Tensor:
-    """Statistic rows of gradients multiplied by ``factor`` (e.g. ``1 / loss_scale`` for gradients that
-    are still scaled by an AMP ``GradScaler``): norms and |g| scale linearly, sums of squares
-    quadratically; counts and weight rows are unchanged."""
-    out = rows.clone()
-    out[_SUMSQ] *= factor * factor
-    out[[_L1, _MAX]] *= factor
-    return out
+__all__ = ["G", "GRAD_METRICS", "GradientCollector", "Launched", "PeerWatcherFailed", "StepStats",
+           "reduce_sharded_rows", "scale_rows", "zero_rows"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradwatch.collect import _as_real_dense
+from gradwatch.collect_plan import as_real_dense
 
 N_KEYS = 4096
 _HALF = 2048            # keys >= 2048 have the sign bit set
@@ -126,7 +126,7 @@ def _count(keys: torch.Tensor) -> torch.Tensor:
 def _as_float32_flat(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.layout != torch.strided or t.is_complex() or type(t) is not torch.Tensor:
-        t = _as_real_dense(t)
+        t = as_real_dense(t)
     if t.dtype == torch.float64:
         x = t.float()  # finite values beyond float32's range would become inf: saturate them instead
         over = torch.isinf(x) & torch.isfinite(t)

@@ -1,9 +1,9 @@
-"""Bounded columnar store of per-step, per-layer statistics, and the views the diagnosis reads.
+"""Bounded columnar store of per-step, per-layer statistics: recording, and reading it back.
 
 Memory is bounded whatever the run length:
 
 - a ring buffer of the most recent ``capacity`` collected steps, ``float32[capacity, layers, 8]``
-  for gradient metrics (``capacity * layers * 32`` bytes, plus ``capacity * 24`` for step numbers,
+  for the 8 gradient metrics (``capacity * layers * 32`` bytes, plus ``capacity * 24`` for step numbers,
   total norm and loss), and of the most recent ``sample_capacity`` activation samples
   (``sample_capacity * (activations + layers) * 12`` bytes, plus 16 per sample);
 - a long-term summary of at most ``summary_slots`` blocks covering the whole run: each block
@@ -15,6 +15,10 @@ All of it is allocated when layers are registered (``History.nbytes``) and does 
 run. With the defaults (1000 steps, 200 samples, 256 summary slots) a 500-layer model with 500
 activation modules holds 16 MB of gradient history, 2.4 MB of samples and 16.4 MB of summary:
 34.8 MB in all.
+
+The buffers live in :mod:`gradwatch.history_buffers`, the window the diagnosis reads in
+:mod:`gradwatch.history_view`, checkpointing in :mod:`gradwatch.history_state`; metric columns
+follow :mod:`gradwatch.metrics`.
 """
 
 from __future__ import annotations
@@ -22,308 +26,29 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from gradwatch import provenance
-from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS
-from gradwatch.collect import GRAD_METRICS
+from gradwatch.history_buffers import BlockSummary, RingBuffer
+from gradwatch.history_state import HistoryCheckpoint
+from gradwatch.history_view import LAST_SIGNAL_METRICS, ActivationMeta, HistoryView, LayerMeta
+from gradwatch.metrics import ACT_METRICS, GRAD, GRAD_METRICS, LAYER_SIGNAL_METRICS, SIGNAL
+
+_NONFINITE = GRAD["nonfinite"]
+_GN = GRAD["grad_norm"]
+_ZF = GRAD["grad_zero_frac"]
+_GTW = GRAD["grad_to_weight"]
+_UPD = GRAD["update_ratio"]
+_WN = GRAD["weight_norm"]
+_LAST_SIGNAL = [SIGNAL[m] for m in LAST_SIGNAL_METRICS]
+#: steps recorded in one batch may follow the first non-finite one: look back past them
+_RECORD_SLACK = 64
 
 
-@dataclass
-class LayerMeta:
-    """What the diagnosis needs to know about a layer besides its numbers."""
-
-    type_name: str = ""
-    depth: int = 0
-    fan_in: int | None = None
-    numel: int = 0
-    recurrent: bool = False
-
-
-@dataclass
-class ActivationMeta:
-    kind: str = ""               # "relu" | "leaky" | "sigmoid" | "tanh" | "hard"
-    type_name: str = ""
-    depth: int = 0
-    feeding_layer: str | None = None
-    is_output: bool = False      # nothing with parameters runs after it: it defines the output range
-
-
-@dataclass
-class HistoryView:
-    """A read-only window of history in depth order: the input of :func:`gradwatch.diagnose`.
-
-    Arrays use NaN for "not measured". ``grad[t, l, m]`` follows ``GRAD_METRICS``; ``act[s, a, m]``
-    follows ``ACT_METRICS``; ``signal[s, l, m]`` follows ``LAYER_SIGNAL_METRICS``.
-    """
-
-    layers: list[str]
-    layer_meta: list[LayerMeta]
-    steps: np.ndarray
-    grad: np.ndarray
-    total_norm: np.ndarray
-    loss: np.ndarray
-    activations: list[str] = field(default_factory=list)
-    activation_meta: list[ActivationMeta] = field(default_factory=list)
-    sample_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    act: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, len(ACT_METRICS)), dtype=np.float32))
-    signal: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, len(LAYER_SIGNAL_METRICS)), dtype=np.float32))
-    first_nonfinite: tuple[int, list[str]] | None = None
-    nonfinite_steps: int = 0
-    total_steps: int = 0
-    context: dict[str, Any] = field(default_factory=dict)
-    #: run-long largest grad-to-weight ratio per layer (depth order) and the step it happened at:
-    #: an explosion that wrecked a layer early stays visible after it leaves the window.
-    peak_grad_to_weight: np.ndarray | None = None
-    peak_step: np.ndarray | None = None
-    #: run-long largest measured update-to-weight ratio per layer (one optimizer step's size relative to
-    #: the weights) and its step; layers whose weights were near zero at the time are left out.
-    peak_update_ratio: np.ndarray | None = None
-    peak_update_step: np.ndarray | None = None
-    #: median loss of the run's first (up to 10) recorded steps: where learning started from
-    initial_loss: float | None = None
-    #: the evidence frozen at the first non-finite step (:func:`gradwatch.provenance.capture`): kept
-    #: for the whole run, so a window that is all NaN can still say what led to it
-    nonfinite_provenance: dict[str, Any] | None = None
-    #: AMP loss scales recorded inside the window (fp16 loss scaling; empty when not recorded)
-    loss_scale: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    #: per layer (depth order), the run's lowest block-mean fraction of exactly-zero gradient elements
-    lowest_zero_frac: np.ndarray | None = None
-    #: up to ``lookback`` steps *before* the window (gradient norms ``[steps, layers]``, total norms,
-    #: losses): a baseline for rules that compare a step with its own recent history (spikes)
-    pre_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    pre_grad_norm: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
-    pre_total_norm: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    pre_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    #: per layer (depth order), the latest *finite* sampled ``act_rms`` and ``out_grad_rms`` and the
-    #: latest finite weight norm: the forward signal as it was before a run went non-finite (a
-    #: diverged run's window holds only NaN, yet its cause was visible at the first samples).
-    last_finite_signal: np.ndarray | None = None
-    last_weight_norm: np.ndarray | None = None
-
-    def metric(self, name: str) -> np.ndarray:
-        """``[steps, layers]`` array of one gradient metric."""
-        return self.grad[:, :, GRAD_METRICS.index(name)]
-
-    @classmethod
-    def from_dataframe(
-        cls,
-        df: pd.DataFrame,
-        context: dict[str, Any] | None = None,
-        layer_meta: dict[str, LayerMeta] | None = None,
-        activation_meta: dict[str, ActivationMeta] | None = None,
-    ) -> HistoryView:
-        """Rebuild a view from a long-format frame (``step, layer, metric, value``), e.g. read from logs.
-
-        Layer order is taken from an optional ``depth`` column, else from first appearance.
-        Rows whose layer is ``"(total)"`` carry global series (``grad_norm`` -> total norm, ``loss``).
-        A name is a layer if it has gradient or signal metrics and an activation if it has activation
-        metrics (a PReLU is both). ``layer_meta`` / ``activation_meta`` (e.g. logged with the run)
-        supply the types, fan-in and activation kinds the rules need; without them the view knows
-        names and order only.
-        """
-        df = df.dropna(subset=["value"]) if len(df) else df
-        total = df[df["layer"] == "(total)"] if len(df) else df
-        rest = df[df["layer"] != "(total)"] if len(df) else df
-        grad_rows = rest[rest["metric"].isin(GRAD_METRICS)] if len(rest) else rest
-
-        def ordered(rows: pd.DataFrame) -> list[str]:
-            if not len(rows):
-                return []
-            if "depth" in rows.columns:
-                return rows.groupby("layer", sort=False)["depth"].min().sort_values(kind="stable").index.tolist()
-            return list(dict.fromkeys(rows["layer"].tolist()))
-
-        is_act = rest["metric"].isin(ACT_METRICS) if len(rest) else pd.Series(dtype=bool)
-        act_names = ordered(rest[is_act]) if len(rest) else []
-        layer_names = ordered(rest[~is_act]) if len(rest) else []
-        steps = np.array(sorted(set(grad_rows["step"].astype(int))) if len(grad_rows) else [], dtype=np.int64)
-        grad = np.full((len(steps), len(layer_names), len(GRAD_METRICS)), np.nan, dtype=np.float32)
-        if len(grad_rows):
-            s_idx = {s: i for i, s in enumerate(steps)}
-            l_idx = {n: i for i, n in enumerate(layer_names)}
-            m_idx = {m: i for i, m in enumerate(GRAD_METRICS)}
-            for step, layer, metric, value in grad_rows[["step", "layer", "metric", "value"]].itertuples(index=False):
-                if layer in l_idx:
-                    grad[s_idx[int(step)], l_idx[layer], m_idx[metric]] = value
-        tn = np.full(len(steps), np.nan)
-        loss = np.full(len(steps), np.nan)
-        if len(total):
-            s_idx = {s: i for i, s in enumerate(steps)}
-            for step, metric, value in total[["step", "metric", "value"]].itertuples(index=False):
-                i = s_idx.get(int(step))
-                if i is None:
-                    continue
-                if metric == "grad_norm":
-                    tn[i] = value
-                elif metric == "loss":
-                    loss[i] = value
-        finite_loss = loss[np.isfinite(loss)]
-        initial_loss = float(np.median(finite_loss[:10])) if len(finite_loss) else None
-        sig_rows = rest[rest["metric"].isin(LAYER_SIGNAL_METRICS + ACT_METRICS)] if len(rest) else rest
-        sample_steps = np.array(sorted(set(sig_rows["step"].astype(int))) if len(sig_rows) else [], dtype=np.int64)
-        act = np.full((len(sample_steps), len(act_names), len(ACT_METRICS)), np.nan, dtype=np.float32)
-        signal = np.full((len(sample_steps), len(layer_names), len(LAYER_SIGNAL_METRICS)), np.nan, dtype=np.float32)
-        if len(sig_rows):
-            s_idx = {s: i for i, s in enumerate(sample_steps)}
-            a_idx = {n: i for i, n in enumerate(act_names)}
-            l_idx = {n: i for i, n in enumerate(layer_names)}
-            for step, layer, metric, value in sig_rows[["step", "layer", "metric", "value"]].itertuples(index=False):
-                if metric in ACT_METRICS and layer in a_idx:
-                    act[s_idx[int(step)], a_idx[layer], ACT_METRICS.index(metric)] = value
-                elif metric in LAYER_SIGNAL_METRICS and layer in l_idx:
-                    signal[s_idx[int(step)], l_idx[layer], LAYER_SIGNAL_METRICS.index(metric)] = value
-        first_nf = None
-        nf_steps = 0
-        if len(steps):
-            nf = grad[:, :, GRAD_METRICS.index("nonfinite")]
-            bad = np.nan_to_num(nf) > 0
-            nf_steps = int(bad.any(axis=1).sum())
-            if bad.any():
-                t = int(np.argmax(bad.any(axis=1)))
-                first_nf = (int(steps[t]), [layer_names[i] for i in np.flatnonzero(bad[t])])
-        out = cls(
-            initial_loss=initial_loss,
-            layers=layer_names,
-            layer_meta=[replace(layer_meta[n], depth=i) if layer_meta and n in layer_meta else LayerMeta(depth=i)
-                        for i, n in enumerate(layer_names)],
-            steps=steps,
-            grad=grad,
-            total_norm=tn,
-            loss=loss,
-            activations=act_names,
-            activation_meta=[replace(activation_meta[n], depth=i) if activation_meta and n in activation_meta
-                             else ActivationMeta(depth=i) for i, n in enumerate(act_names)],
-            sample_steps=sample_steps,
-            act=act,
-            signal=signal,
-            first_nonfinite=first_nf,
-            nonfinite_steps=nf_steps,
-            total_steps=len(steps),
-            context=dict(context or {}),
-        )
-        if first_nf is not None:  # logs hold every step: the evidence before the first NaN is there
-            out.nonfinite_provenance = provenance.capture(out, first_nf[0], first_nf[1])
-        return out
-
-
-class _Ring:
-    """Fixed-capacity ring of equally shaped float32 records with their step numbers."""
-
-    def __init__(self, capacity: int, shape: tuple[int, ...]):
-        self.capacity = capacity
-        self.data = np.full((capacity, *shape), np.nan, dtype=np.float32)
-        self.steps = np.zeros(capacity, dtype=np.int64)
-        self.count = 0  # total appended
-
-    def append(self, step: int, record: np.ndarray) -> None:
-        i = self.count % self.capacity
-        if record.shape[0] != self.data.shape[1]:  # a shorter record: NaN in the columns it lacks
-            self.data[i] = np.nan
-        self.data[i, : record.shape[0], ...] = record
-        self.steps[i] = step
-        self.count += 1
-
-    def extend(self, steps: np.ndarray, records: np.ndarray) -> None:
-        """``append`` for several records of full width at once (one or two slice assignments)."""
-        k = len(records)
-        if k > self.capacity:
-            steps, records = steps[-self.capacity:], records[-self.capacity:]
-            self.count += k - self.capacity
-            k = self.capacity
-        i = self.count % self.capacity
-        first = min(k, self.capacity - i)
-        self.data[i:i + first] = records[:first]
-        self.steps[i:i + first] = steps[:first]
-        if first < k:  # wraps around
-            self.data[: k - first] = records[first:]
-            self.steps[: k - first] = steps[first:]
-        self.count += k
-
-    def grow(self, axis1: int) -> None:
-        """Add columns along the first record axis (new layers), filled with NaN."""
-        extra = axis1 - self.data.shape[1]
-        if extra > 0:
-            pad = np.full((self.capacity, extra, *self.data.shape[2:]), np.nan, dtype=np.float32)
-            self.data = np.concatenate([self.data, pad], axis=1)
-
-    def ordered(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        n = min(self.count, self.capacity)
-        if last is not None:
-            n = min(n, last)
-        idx = (np.arange(self.count - n, self.count) % self.capacity) if n else np.zeros(0, dtype=np.int64)
-        return self.steps[idx], self.data[idx]
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes + self.steps.nbytes
-
-
-class _Summary:
-    """Long-term means over blocks of steps; merges pairs of blocks when full (bounded slots)."""
-
-    def __init__(self, slots: int, shape: tuple[int, ...]):
-        self.slots = max(2, slots - slots % 2)
-        self.sums = np.zeros((self.slots, *shape), dtype=np.float64)
-        self.counts = np.zeros((self.slots, *shape), dtype=np.float64)
-        self.first = np.zeros(self.slots, dtype=np.int64)
-        self.last = np.zeros(self.slots, dtype=np.int64)
-        self.filled = 0
-        self.block = 1
-        self._in_block = 0
-
-    def add(self, step: int, record: np.ndarray) -> None:
-        if self._in_block == 0:
-            if self.filled == self.slots:
-                self._merge()
-            i = self.filled
-            self.sums[i] = 0
-            self.counts[i] = 0
-            self.first[i] = step
-            self.filled += 1
-        i = self.filled - 1
-        finite = np.isfinite(record)
-        k = record.shape[0]
-        self.sums[i, :k] += np.where(finite, record, np.float32(0))  # float32 where, float64 sum
-        self.counts[i, :k] += finite
-        self.last[i] = step
-        self._in_block = (self._in_block + 1) % self.block
-
-    def _merge(self) -> None:
-        half = self.slots // 2
-        # pair by pair, in place: whole-array sums would allocate temporaries as large as the
-        # summary itself (which the allocator keeps: resident memory beyond the documented bound)
-        for j in range(half):
-            np.add(self.sums[2 * j], self.sums[2 * j + 1], out=self.sums[j])
-            np.add(self.counts[2 * j], self.counts[2 * j + 1], out=self.counts[j])
-        self.first[:half] = self.first[0::2]
-        self.last[:half] = self.last[1::2]
-        self.filled = half
-        self.block *= 2
-
-    def grow(self, axis1: int) -> None:
-        extra = axis1 - self.sums.shape[1]
-        if extra > 0:
-            pad = np.zeros((self.slots, extra, *self.sums.shape[2:]))
-            self.sums = np.concatenate([self.sums, pad], axis=1)
-            self.counts = np.concatenate([self.counts, pad.copy()], axis=1)
-
-    def means(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = self.filled
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(self.counts[:n] > 0, self.sums[:n] / np.maximum(self.counts[:n], 1), np.nan)
-        return self.first[:n], self.last[:n], mean
-
-    @property
-    def nbytes(self) -> int:
-        return self.sums.nbytes + self.counts.nbytes + self.first.nbytes + self.last.nbytes
-
-
-class History:
+class History(HistoryCheckpoint):
     """Per-layer statistics of a run: recent steps in full, the whole run in summary.
 
     Args:
@@ -340,11 +65,11 @@ class History:
         self.layer_meta: dict[str, LayerMeta] = {}
         self.activations: list[str] = []
         self.activation_meta: dict[str, ActivationMeta] = {}
-        self._grad = _Ring(capacity, (0, len(GRAD_METRICS)))
-        self._scalars = _Ring(capacity, (2,))  # total_norm, loss
-        self._act = _Ring(sample_capacity, (0, len(ACT_METRICS)))
-        self._signal = _Ring(sample_capacity, (0, len(LAYER_SIGNAL_METRICS)))
-        self._summary = _Summary(summary_slots, (0, len(GRAD_METRICS)))
+        self._grad = RingBuffer(capacity, (0, len(GRAD_METRICS)))
+        self._scalars = RingBuffer(capacity, (2,))  # total_norm, loss
+        self._act = RingBuffer(sample_capacity, (0, len(ACT_METRICS)))
+        self._signal = RingBuffer(sample_capacity, (0, len(LAYER_SIGNAL_METRICS)))
+        self._summary = BlockSummary(summary_slots, (0, len(GRAD_METRICS)))
         self.first_nonfinite: tuple[int, list[str]] | None = None
         self.nonfinite_provenance: dict[str, Any] | None = None
         #: (step, scale) of the AMP loss scale, as recorded (bounded like the recent window)
@@ -353,7 +78,7 @@ class History:
         self._peak_upd = np.zeros(0)
         self._peak_upd_step = np.zeros(0, dtype=np.int64)
         self._last_wnorm = np.zeros(0)
-        self._last_signal = np.zeros((0, 2))
+        self._last_signal = np.zeros((0, len(LAST_SIGNAL_METRICS)))
         self._fan_numel: tuple[np.ndarray, np.ndarray] | None = None
         self._first_losses: list[float] = []
         self._columns_cache: tuple[list[int], int, int, bool] | None = None
@@ -380,7 +105,7 @@ class History:
             self._peak_upd = np.concatenate([self._peak_upd, np.full(extra, np.nan)])
             self._peak_upd_step = np.concatenate([self._peak_upd_step, np.zeros(extra, dtype=np.int64)])
             self._last_wnorm = np.concatenate([self._last_wnorm, np.full(extra, np.nan)])
-            self._last_signal = np.concatenate([self._last_signal, np.full((extra, 2), np.nan)])
+            self._last_signal = np.concatenate([self._last_signal, np.full((extra, len(LAST_SIGNAL_METRICS)), np.nan)])
         self._active_layers = set(names)
         self._fan_numel = None  # layer metadata may have changed
         index = {name: i for i, name in enumerate(self.layers)}
@@ -529,8 +254,8 @@ class History:
         s[layer_columns] = signal
         self._act.append(step, a)
         self._signal.append(step, s)
-        pair = s[:, :2].astype(np.float64)
-        finite = np.isfinite(pair).all(axis=1) & (pair[:, 0] > 0)
+        pair = s[:, _LAST_SIGNAL].astype(np.float64)
+        finite = np.isfinite(pair).all(axis=1) & (pair[:, LAST_SIGNAL_METRICS.index("act_rms")] > 0)
         self._last_signal[: len(pair)][finite] = pair[finite]
 
     # -- reading ---------------------------------------------------------------------------------
@@ -661,157 +386,6 @@ class History:
         return df
 
 
-    # -- checkpointing ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything kept (recent window, samples, long-term summary, counters) as plain data.
-
-        Arrays are ``torch.Tensor`` (float32 values, int64 steps) and everything else is built-in
-        Python types, so the result fits in a checkpoint and loads with ``torch.load(weights_only=True)``.
-        Only the records actually held are stored, oldest first.
-        """
-        import torch
-
-        def tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a).copy())
-
-        steps, grad = self._grad.ordered()
-        _, scalars = self._scalars.ordered()
-        s_steps, act = self._act.ordered()
-        _, signal = self._signal.ordered()
-        sm = self._summary
-        n = sm.filled
-        return {
-            "version": _STATE_VERSION,
-            "capacity": self._grad.capacity,
-            "sample_capacity": self._act.capacity,
-            "layers": list(self.layers),
-            "layer_meta": {name: asdict(self.layer_meta[name]) for name in self.layers},
-            "activations": list(self.activations),
-            "activation_meta": {name: asdict(self.activation_meta[name]) for name in self.activations},
-            "steps": tensor(steps),
-            "grad": tensor(grad),
-            "scalars": tensor(scalars),
-            "sample_steps": tensor(s_steps),
-            "act": tensor(act),
-            "signal": tensor(signal),
-            "summary": {
-                "slots": sm.slots, "block": sm.block, "in_block": sm._in_block,
-                "sums": tensor(sm.sums[:n]), "counts": tensor(sm.counts[:n]),
-                "first": tensor(sm.first[:n]), "last": tensor(sm.last[:n]),
-            },
-            "first_nonfinite": None if self.first_nonfinite is None else [self.first_nonfinite[0], list(self.first_nonfinite[1])],
-            "nonfinite_provenance": self.nonfinite_provenance,
-            "loss_scales": [list(x) for x in self.loss_scales],
-            "nonfinite_steps": self.nonfinite_steps,
-            "total_steps": self.total_steps,
-            "context": dict(self.context),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace the recorded data with ``state`` (from :meth:`state_dict`), keeping this history's columns.
-
-        Layers and activations are matched **by name**: those already registered here keep their
-        column and their (current) metadata, names only in ``state`` are appended, so a watcher that
-        registered its layers before loading keeps working. Records beyond this history's capacity
-        are dropped oldest first. Keys missing from older states fall back to empty defaults.
-
-        Raises:
-            ValueError: ``state`` comes from a newer, unknown format version.
-        """
-        version = int(state.get("version", 1))
-        if version > _STATE_VERSION:
-            raise ValueError(f"History state version {version} is newer than supported ({_STATE_VERSION})")
-        names = [str(n) for n in state.get("layers", [])]
-        metas = state.get("layer_meta", {})
-        new = [n for n in names if n not in self.layer_meta]
-        if new:
-            self.register_layers(new, [_meta(LayerMeta, metas.get(n)) for n in new])
-        anames = [str(n) for n in state.get("activations", [])]
-        ametas = state.get("activation_meta", {})
-        new_a = [n for n in anames if n not in self.activation_meta]
-        if new_a:
-            self.register_activations(new_a, [_meta(ActivationMeta, ametas.get(n)) for n in new_a])
-        col = {n: i for i, n in enumerate(self.layers)}
-        acol = {n: i for i, n in enumerate(self.activations)}
-        lmap = np.array([col[n] for n in names], dtype=np.int64)
-        amap = np.array([acol[n] for n in anames], dtype=np.int64)
-
-        def array(key: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-            value = state.get(key)
-            if value is None:
-                return np.zeros(tuple(max(0, d) for d in shape), dtype=dtype)
-            return np.asarray(value.numpy() if hasattr(value, "numpy") else value, dtype=dtype).reshape(shape)
-
-        steps = array("steps", (-1,), np.int64)
-        t = len(steps)
-        grad = array("grad", (t, len(names), len(GRAD_METRICS)))
-        scalars = array("scalars", (t, 2))
-        s_steps = array("sample_steps", (-1,), np.int64)
-        s = len(s_steps)
-        act = array("act", (s, len(anames), len(ACT_METRICS)))
-        signal = array("signal", (s, len(names), len(LAYER_SIGNAL_METRICS)))
-        n_l, n_a = len(self.layers), len(self.activations)
-        self._grad = _Ring(self._grad.capacity, (n_l, len(GRAD_METRICS)))
-        self._scalars = _Ring(self._scalars.capacity, (2,))
-        self._act = _Ring(self._act.capacity, (n_a, len(ACT_METRICS)))
-        self._signal = _Ring(self._signal.capacity, (n_l, len(LAYER_SIGNAL_METRICS)))
-        for i in range(t):
-            record = np.full((n_l, len(GRAD_METRICS)), np.nan, dtype=np.float32)
-            record[lmap] = grad[i]
-            self._grad.append(int(steps[i]), record)
-            self._scalars.append(int(steps[i]), scalars[i])
-        for i in range(s):
-            a = np.full((n_a, len(ACT_METRICS)), np.nan, dtype=np.float32)
-            a[amap] = act[i]
-            sig = np.full((n_l, len(LAYER_SIGNAL_METRICS)), np.nan, dtype=np.float32)
-            sig[lmap] = signal[i]
-            self._act.append(int(s_steps[i]), a)
-            self._signal.append(int(s_steps[i]), sig)
-        summary = state.get("summary") or {}
-        sm = _Summary(int(summary.get("slots", self._summary.slots)), (n_l, len(GRAD_METRICS)))
-        first = np.asarray(summary.get("first", np.zeros(0)), dtype=np.int64).reshape(-1)
-        filled = min(len(first), sm.slots)
-        if filled:
-            shape = (len(first), len(names), len(GRAD_METRICS))
-            sums = np.asarray(summary["sums"], dtype=np.float64).reshape(shape)
-            counts = np.asarray(summary["counts"], dtype=np.float64).reshape(shape)
-            sm.sums[:filled][:, lmap] = sums[:filled]
-            sm.counts[:filled][:, lmap] = counts[:filled]
-            sm.first[:filled] = first[:filled]
-            sm.last[:filled] = np.asarray(summary["last"], dtype=np.int64).reshape(-1)[:filled]
-            sm.filled = filled
-            sm.block = int(summary.get("block", 1))
-            sm._in_block = int(summary.get("in_block", 0))
-        self._summary = sm
-        fnf = state.get("first_nonfinite")
-        self.first_nonfinite = None if fnf is None else (int(fnf[0]), [str(n) for n in fnf[1]])
-        self.nonfinite_provenance = state.get("nonfinite_provenance")
-        self.loss_scales.clear()
-        self.loss_scales.extend((int(t), float(s)) for t, s in state.get("loss_scales", []))
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.total_steps = int(state.get("total_steps", t))
-        context = dict(state.get("context", {}))
-        context.update(self.context)  # what the current run set up wins over the saved context
-        self.context = context
-
-
-_STATE_VERSION = 1
-_NONFINITE = GRAD_METRICS.index("nonfinite")
-_GN = GRAD_METRICS.index("grad_norm")
-_ZF = GRAD_METRICS.index("grad_zero_frac")
-#: steps recorded in one batch may follow the first non-finite one: look back past them
-_RECORD_SLACK = 64
-_GTW = GRAD_METRICS.index("grad_to_weight")
-_UPD = GRAD_METRICS.index("update_ratio")
-_WN = GRAD_METRICS.index("weight_norm")
-
-
-def _meta(cls: type, data: dict[str, Any] | None) -> Any:
-    """Build a metadata dataclass from a saved dict, ignoring keys this version does not know."""
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in (data or {}).items() if k in known})
-
-
 def _long(steps: np.ndarray, names: list[str], metrics: tuple[str, ...], values: np.ndarray, depth: dict[str, int]) -> pd.DataFrame:
     t, lyr, met = values.shape[0], values.shape[1], values.shape[2]
     return pd.DataFrame({
@@ -821,3 +395,6 @@ def _long(steps: np.ndarray, names: list[str], metrics: tuple[str, ...], values:
         "value": values.reshape(-1).astype(np.float64),
         "depth": np.tile(np.repeat(np.array([depth.get(n, 0) for n in names], dtype=np.int64), met), t),
     })
+
+
+__all__ = ["ActivationMeta", "History", "HistoryView", "LAST_SIGNAL_METRICS", "LayerMeta"]

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from gradwatch import tags as T
-from gradwatch.activations import ACT_METRICS
 from gradwatch.findings import Diagnosis
 from gradwatch.history import ActivationMeta, HistoryView, LayerMeta
+from gradwatch.metrics import ACT_METRICS
 from gradwatch.thresholds import Thresholds
 
 log = logging.getLogger("gradwatch")

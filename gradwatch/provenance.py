@@ -24,14 +24,13 @@ input, so on the first bad step the deepest non-finite layer is where the NaN en
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from gradwatch.collect import GRAD_METRICS
+from gradwatch.metrics import GRAD, SIGNAL
 
 if TYPE_CHECKING:
-    from gradwatch.history import HistoryView
     from gradwatch.thresholds import Thresholds
 
 #: steps before the first non-finite one whose evidence is kept
@@ -40,7 +39,19 @@ LOOKBACK = 20
 #: network's (about 1): an overflow in the making
 _FORWARD_OVERFLOW_RMS = 1e4
 
-_G = {name: i for i, name in enumerate(GRAD_METRICS)}
+
+class Window(Protocol):
+    """The part of a ``gradwatch.history.HistoryView`` that :func:`capture` reads (this module sits
+    below the history, which calls it, so it names the fields instead of importing the class)."""
+
+    layers: list[str]
+    steps: np.ndarray
+    grad: np.ndarray
+    total_norm: np.ndarray
+    loss: np.ndarray
+    sample_steps: np.ndarray
+    signal: np.ndarray
+    context: dict[str, Any]
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
@@ -61,12 +72,12 @@ def _growth_decades(series: np.ndarray) -> float | None:
     return float(math.log10(s[-1] / float(np.median(s[:-1]))))
 
 
-def _loss_recorded(view: HistoryView, before: np.ndarray) -> bool:
+def _loss_recorded(view: Window, before: np.ndarray) -> bool:
     """Whether losses are being recorded at all (a NaN loss then means a non-finite loss, not "not given")."""
     return bool(len(view.loss)) and bool(np.isfinite(np.asarray(view.loss)[before]).any())
 
 
-def capture(view: HistoryView, step: int, layers: list[str], lookback: int = LOOKBACK) -> dict[str, Any]:
+def capture(view: Window, step: int, layers: list[str], lookback: int = LOOKBACK) -> dict[str, Any]:
     """The evidence around the first non-finite step ``step`` (plain data: fits a checkpoint, JSON).
 
     Args:
@@ -114,12 +125,12 @@ def capture(view: HistoryView, step: int, layers: list[str], lookback: int = LOO
         g = view.grad[before]
         growth = {}
         for i, name in enumerate(names):
-            d = _growth_decades(g[:, i, _G["grad_norm"]])
+            d = _growth_decades(g[:, i, GRAD["grad_norm"]])
             if d is not None and d > 0.3:
                 growth[name] = d
         top = sorted(growth, key=growth.__getitem__, reverse=True)[:3]
         record["grew_most"] = {n: _round(growth[n]) for n in top}
-        upd = g[:, :, _G["update_ratio"]].astype(np.float64)
+        upd = g[:, :, GRAD["update_ratio"]].astype(np.float64)
         if np.isfinite(upd).any():
             flat = np.where(np.isfinite(upd), upd, -np.inf)
             t, i = np.unravel_index(int(np.argmax(flat)), flat.shape)
@@ -128,7 +139,7 @@ def capture(view: HistoryView, step: int, layers: list[str], lookback: int = LOO
     samples = np.flatnonzero(np.asarray(view.sample_steps) <= step) if len(view.sample_steps) else np.zeros(0, dtype=int)
     if len(samples) and view.signal.shape[1] == len(names):
         s = samples[-1]
-        rms = view.signal[s, :, 0].astype(np.float64)
+        rms = view.signal[s, :, SIGNAL["act_rms"]].astype(np.float64)
         ok = np.flatnonzero(np.isfinite(rms) & (rms > 0))
         if len(ok):
             logs = np.log10(rms[ok])

@@ -55,9 +55,8 @@ from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
 from gradwatch import tags as T
-from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS
-from gradwatch.collect import GRAD_METRICS
 from gradwatch.histograms import HistogramData, bin_on_device
+from gradwatch.metrics import ACT_METRICS, GRAD, GRAD_METRICS, LAYER_SIGNAL_METRICS
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -72,7 +71,6 @@ META_FORMAT = 1
 _DEFAULT_FIGURE_EVERY = 500
 _DEFAULT_WINDOW = 50
 _MAX_QUEUE = 64
-_G = {m: i for i, m in enumerate(GRAD_METRICS)}
 _LIVE: weakref.WeakSet[TensorBoardSink] = weakref.WeakSet()
 # writers that already hold a gradwatch layout (add_custom_scalars may be called once per writer)
 _LAYOUT_WRITTEN: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -515,8 +513,8 @@ class TensorBoardSink:
             cols = [index.get(n, -1) for n in names]
             for j, c in enumerate(cols):
                 if c >= 0:
-                    mean[t, c] = values[j, _G["grad_mean_abs"]]
-                    mx[t, c] = values[j, _G["grad_max_abs"]]
+                    mean[t, c] = values[j, GRAD["grad_mean_abs"]]
+                    mx[t, c] = values[j, GRAD["grad_max_abs"]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return layers, np.nanmedian(mean, axis=0), np.nanmedian(mx, axis=0)

@@ -329,7 +329,7 @@ def test_one_update_larger_than_the_weights_is_an_explosion_even_long_ago() -> N
 @pytest.mark.parametrize("seed", range(6))
 def test_per_step_decay_matches_depth_decay_step_by_step(seed: int) -> None:
     """The vectorised per-step rule decides exactly as ``depth_decay`` applied to each step."""
-    from gradwatch.diagnose import _per_step_decay, depth_decay
+    from gradwatch.diagnose_depth import depth_decay, per_step_decay
 
     rng = np.random.default_rng(seed)
     steps, layers = 80, 3 + seed * 3
@@ -343,7 +343,7 @@ def test_per_step_decay_matches_depth_decay_step_by_step(seed: int) -> None:
             for t in range(steps):
                 r = depth_decay(sign * logs[t], min_layers)
                 want.append(r is not None and r[0] >= 3.0 and r[1] >= 0.5)
-            got = _per_step_decay(logs, min_layers, 3.0, 0.5, sign=sign)
+            got = per_step_decay(logs, min_layers, 3.0, 0.5, sign=sign)
             assert got.tolist() == want
 
 
