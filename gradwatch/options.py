@@ -75,7 +75,7 @@ def fix_options(name: str, value: Any) -> dict[str, dict[str, Any]] | None:
         return None
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise TypeError(f"{name} must be a dict of per-fix option dicts, got {value!r}")
-    check_names(name, list(value), list_fixes(), what="fix name")
+    check_names(name, list(value), list_fixes())
     return {k: dict(v) for k, v in value.items()}
 
 
