@@ -34,6 +34,7 @@ _PUBLIC: dict[str, str] = {
     "PreflightResult": "gradwatch.preflight",
     "preflight": "gradwatch.preflight",
     "Thresholds": "gradwatch.thresholds",
+    "WatchOptions": "gradwatch.options",
     "GradWatcher": "gradwatch.watcher",
     "watch": "gradwatch.watcher",
 }
@@ -82,6 +83,7 @@ __all__ = [
     "HistoryView",
     "PreflightResult",
     "Thresholds",
+    "WatchOptions",
     "apply_fixes",
     "diagnose",
     "preflight",

@@ -11,6 +11,7 @@ graph is of what each module asks for.
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from collections import deque
 from collections.abc import Iterator
@@ -31,14 +32,15 @@ LAZY_FRAMEWORK_IMPORTS: frozenset[tuple[str, str]] = frozenset()
 Graph = dict[str, dict[str, int]]
 
 
-def package_modules(root: Path, package: str) -> dict[str, Path]:
-    """Every module of ``package`` (a folder under ``root``), by dotted name; a package by its name."""
+def package_modules(root: Path, package: str, installed_as: str | None = None) -> dict[str, Path]:
+    """Every module of ``package`` (a folder under ``root``), by dotted name; a package by its name.
+    ``installed_as``: the name the folder is imported under (``integrations/`` is ``gradwatch.integrations``)."""
     modules = {}
     for path in sorted((root / package).rglob("*.py")):
-        parts = list(path.relative_to(root).with_suffix("").parts)
+        parts = list(path.relative_to(root / package).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        modules[".".join(parts)] = path
+        modules[".".join([installed_as or package, *parts])] = path
     return modules
 
 
@@ -64,9 +66,9 @@ def _owning_module(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
-def import_graph(root: Path, package: str) -> Graph:
+def import_graph(root: Path, package: str, installed_as: str | None = None) -> Graph:
     """The import graph of ``package`` under ``root``: every import anywhere in a module, self-imports left out."""
-    modules = package_modules(root, package)
+    modules = package_modules(root, package, installed_as)
     graph: Graph = {}
     for module, path in modules.items():
         edges: dict[str, int] = {}
@@ -145,15 +147,11 @@ def describe_cycle(graph: Graph, component: list[str]) -> str:
 # gradwatch itself
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 removes the remaining cycles in parallel branches: findings <-> report, history <-> "
-           "provenance, autofix -> watcher -> tensorboard -> watcher; make this strict once they are merged",
-)
-def test_gradwatch_has_no_import_cycles() -> None:
-    graph = import_graph(ROOT, "gradwatch")
+@pytest.mark.parametrize(("folder", "installed_as"), [("gradwatch", None), ("integrations", "gradwatch.integrations")])
+def test_no_import_cycles(folder: str, installed_as: str | None) -> None:
+    graph = import_graph(ROOT, folder, installed_as)
     found = cycles(graph)
-    assert not found, "import cycles in gradwatch/:\n" + "\n".join(describe_cycle(graph, c) for c in found)
+    assert not found, f"import cycles in {folder}/:\n" + "\n".join(describe_cycle(graph, c) for c in found)
 
 
 def test_the_graph_sees_gradwatch_modules_and_their_imports() -> None:
@@ -161,6 +159,8 @@ def test_the_graph_sees_gradwatch_modules_and_their_imports() -> None:
     assert "gradwatch.models.registry" in graph["gradwatch.models"]
     assert "gradwatch.fixes.registry" in graph["gradwatch.models.case"]
     assert "gradwatch.tasks" in graph["gradwatch.models.recipe"]  # `from gradwatch import tasks`
+    adapters = import_graph(ROOT, "integrations", "gradwatch.integrations")
+    assert "gradwatch.integrations.lightning_distributed" in adapters["gradwatch.integrations.lightning_fixes"]
 
 
 def _framework_imports(path: Path) -> Iterator[tuple[str, int, bool]]:
@@ -275,3 +275,30 @@ def test_framework_imports_are_told_apart_by_where_they_stand(tmp_path: Path) ->
     assert list(_framework_imports(tmp_path / "core.py")) == [
         ("lightning", 4, False), ("transformers", 6, False), ("accelerate", 9, True),
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# the newcomer's map
+
+
+def test_every_module_the_architecture_map_names_exists() -> None:
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:gradwatch|integrations)/[\w/]*?(?:\.py|/))`", text))
+    assert len(named) >= 40, f"the map names only {len(named)} modules: the pattern no longer matches it"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"docs/ARCHITECTURE.md names modules that do not exist: {missing}"
+
+
+def test_the_architecture_map_names_every_module_of_the_core_and_the_integrations() -> None:
+    """A new module gets its line in the map (a package may be named as a whole, e.g. ``gradwatch/fixes/``)."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:gradwatch|integrations)/[\w/]*?(?:\.py|/))`", text))
+    unnamed = []
+    for path in sorted([*(ROOT / "gradwatch").rglob("*.py"), *(ROOT / "integrations").rglob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.name in ("__init__.py", "__main__.py") or rel in named:
+            continue
+        if any(rel.startswith(p) for p in named if p.endswith("/")):
+            continue
+        unnamed.append(rel)
+    assert not unnamed, f"modules missing from docs/ARCHITECTURE.md: {unnamed}"
