@@ -183,7 +183,7 @@ class GradWatcher:
         self._track_updates = track_updates
         self._warned: set[str] = set()
         self._handles: list[Any] = []
-        self._recorder: ForwardOrderRecorder | None = None
+        self._forward_order: ForwardOrderRecorder | None = None
         self._sampler: ActivationSampler | None = None
         self._param_changes = ParameterChanges(self.model)
         self._step_callbacks: list[Callable[[GradWatcher, int], None]] = []
@@ -206,7 +206,7 @@ class GradWatcher:
         if scaler is not None:
             self.history.context["amp_loss_scaling"] = bool(getattr(scaler, "is_enabled", lambda: True)())
         self._set_layers(layers)
-        self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
+        self._forward_order = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
         if self.activations_enabled and self._is_sample(0):
             self._sampler_arm()
         self._hook_optimizer = bool(hook_optimizer)
@@ -230,7 +230,7 @@ class GradWatcher:
     def _set_layers(self, layers: list[LayerInfo]) -> None:
         if getattr(self, "_buffer", None) or getattr(self, "_pipeline", None):
             self._drain()  # recorded under the layers they were measured with
-        order = self._recorder.order if self._recorder is not None and self._recorder.done else self._structure.order
+        order = self._forward_order.order if self._forward_order is not None and self._forward_order.done else self._structure.order
         self.layers = depth_order(layers, order)
         self._param_changes.remember(self.layers)
         self.collector = GradientCollector(self.layers, track_updates=self._track_updates, hot_path=self.hot_path)
@@ -477,11 +477,11 @@ class GradWatcher:
 
     def relayer(self) -> None:
         """Re-discover layers after the model changed (a fix), and re-record depth on the next forward."""
-        if self._recorder is not None:
-            self._recorder.remove()
+        if self._forward_order is not None:
+            self._forward_order.remove()
         self._set_layers(discover_layers(self.model))
         if not self.closed:
-            self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
+            self._forward_order = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
 
     def add_step_callback(self, fn: Callable[[GradWatcher, int], None]) -> None:
         """Call ``fn(watcher, step)`` after each collected step (used by auto-fix and integrations)."""
@@ -498,7 +498,7 @@ class GradWatcher:
         """
         if self.closed:
             return
-        recorder = self._recorder
+        recorder = self._forward_order
         if recorder is not None and not recorder.done and recorder.order:
             recorder.finish_forward()
         if self._sampler is not None and self._sampler.armed:
@@ -544,8 +544,8 @@ class GradWatcher:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._recorder is not None:
-            self._recorder.remove()
+        if self._forward_order is not None:
+            self._forward_order.remove()
         if self._sampler is not None:
             self._sampler.close()
         self.collector.release_snapshot()
