@@ -172,9 +172,9 @@ class GradWatcher:
         self._history = History(capacity=history_capacity)
         #: common steps whose recording (history, sinks) is batched: the one buffer before the disk
         self._buffer = StepBuffer(_RECORD_BATCH)
-        self.sinks: list[Sink] = list(sinks)
-        self._step_recorder = StepRecorder(self._history, self.sinks)
-        self._publisher = DiagnosisPublisher(self.sinks)
+        self._sinks: list[Sink] = list(sinks)
+        self._step_recorder = StepRecorder(self._history, self._sinks)
+        self._publisher = DiagnosisPublisher(self._sinks)
         self.error: str | None = None
         self.closed = False
         self.calls = 0            # step() calls
@@ -448,6 +448,15 @@ class GradWatcher:
     @row_reducer.setter
     def row_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         self._reduction.reducer = reducer
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """Where each step goes besides the history (one list, shared with the recording and publishing)."""
+        return self._sinks
+
+    @sinks.setter
+    def sinks(self, sinks: Iterable[Sink]) -> None:
+        self._sinks[:] = list(sinks)
 
     @property
     def histogram_every_n_steps(self) -> int:
