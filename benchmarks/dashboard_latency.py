@@ -33,7 +33,7 @@ from gw_dashboard import PLUGIN, TensorBoard, free_port  # noqa: E402
 
 from gradwatch import tags as T  # noqa: E402
 from gradwatch.checksums import masked_crc32c  # noqa: E402
-from gradwatch.tensorboard import _encode_scalars, _event_bytes, _value_prefix  # noqa: E402
+from gradwatch.tensorboard_events import encode_scalars, event_bytes, value_prefix  # noqa: E402
 
 log = logging.getLogger("dashboard_latency")
 
@@ -43,14 +43,14 @@ def write_run(run_dir: Path, layers: int, steps: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     width = T.depth_width(layers)
     tags = [T.layer_tag("grad_to_weight", i, f"blocks.{i}.linear", width) for i in range(layers)] + [T.total_tag("grad_norm")]
-    prefixes = np.array([_value_prefix(t) for t in tags], dtype=object)
+    prefixes = np.array([value_prefix(t) for t in tags], dtype=object)
     rng = np.random.default_rng(0)
     depth_scale = np.logspace(-6, 0, layers)
     path = run_dir / "events.out.tfevents.0.bench"
     with open(path, "wb") as fh:
         for step in range(steps):
             values = np.append(depth_scale * rng.lognormal(0, 0.3, layers), 1.0).astype(np.float32)
-            record = _event_bytes(_encode_scalars(prefixes, values), step, 1.0e9 + step)
+            record = event_bytes(encode_scalars(prefixes, values), step, 1.0e9 + step)
             header = len(record).to_bytes(8, "little")
             fh.write(header + masked_crc32c(header).to_bytes(4, "little") + record + masked_crc32c(record).to_bytes(4, "little"))
 

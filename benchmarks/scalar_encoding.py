@@ -27,7 +27,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gradwatch.collect import GRAD_METRICS  # noqa: E402
-from gradwatch.tensorboard import _encode_scalars, _event_bytes, _value_prefix  # noqa: E402
+from gradwatch.tensorboard_events import encode_scalars, event_bytes, value_prefix  # noqa: E402
 
 
 def _proto_event(tags: list[str], values: np.ndarray, step: int) -> bytes:
@@ -38,7 +38,7 @@ def _proto_event(tags: list[str], values: np.ndarray, step: int) -> bytes:
 
 
 def _bytes_event(prefixes: np.ndarray, values: np.ndarray, step: int) -> bytes:
-    return _event_bytes(_encode_scalars(prefixes, values), step, time.time())
+    return event_bytes(encode_scalars(prefixes, values), step, time.time())
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     print(f"{'layers':>6} {'scalars':>7} {'bytes us':>9} {'proto us':>9} {'saved us':>9}  (medians of {args.rounds} interleaved rounds)")
     for n in args.layers:
         tags = [f"{m}/{i:03d}.blocks.{i}.linear" for i in range(n) for m in GRAD_METRICS]
-        prefixes = np.array([_value_prefix(t) for t in tags], dtype=object)
+        prefixes = np.array([value_prefix(t) for t in tags], dtype=object)
         values = rng.random(len(tags))
         values[rng.random(len(tags)) < 0.3] = np.nan  # slow statistics are absent on most steps
         assert Event.FromString(_bytes_event(prefixes, values, 7)).summary == Event.FromString(_proto_event(tags, values, 7)).summary

@@ -32,31 +32,32 @@ killed run leaves readable files up to the last flush.
 Cost: a step's scalars are encoded straight into the serialized ``Event`` from cached per-tag
 bytes and queued as bytes: no protobuf objects on the training thread, which saves 0.7 ms a step
 at 100 layers and 3.8 ms at 500 (``benchmarks/scalar_encoding.py``).
+
+The sink wires the parts, one module each: :mod:`gradwatch.tensorboard_writer` (the writer, failures),
+:mod:`gradwatch.tensorboard_events` (event bytes), :mod:`gradwatch.tensorboard_scalars` (a step's
+scalars), :mod:`gradwatch.tensorboard_histograms`, :mod:`gradwatch.tensorboard_figure` and
+:mod:`gradwatch.tensorboard_meta` (the run's metadata).
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
-import math
 import os
-import struct
 import time
 import warnings
 import weakref
-from collections import deque
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboard.compat.proto.tensor_pb2 import TensorProto
-from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from gradwatch import tags as T
-from gradwatch.histograms import HistogramData, bin_on_device
-from gradwatch.metrics import ACT_METRICS, GRAD, GRAD_METRICS, LAYER_SIGNAL_METRICS
+from gradwatch.tensorboard_events import event_bytes
+from gradwatch.tensorboard_figure import RecentFlow
+from gradwatch.tensorboard_histograms import encode_histograms
+from gradwatch.tensorboard_meta import meta_value, run_meta
+from gradwatch.tensorboard_scalars import ScalarTags
+from gradwatch.tensorboard_writer import EventWriter
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -67,13 +68,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gradwatch")
 
-META_FORMAT = 1
 _DEFAULT_FIGURE_EVERY = 500
 _DEFAULT_WINDOW = 50
-_MAX_QUEUE = 64
 _LIVE: weakref.WeakSet[TensorBoardSink] = weakref.WeakSet()
-# writers that already hold a gradwatch layout (add_custom_scalars may be called once per writer)
-_LAYOUT_WRITTEN: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def _close_live_sinks() -> None:
@@ -83,61 +80,6 @@ def _close_live_sinks() -> None:
 
 
 atexit.register(_close_live_sinks)
-
-
-def _json_safe(value: Any) -> Any:
-    try:
-        json.dumps(value, allow_nan=True)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _value_prefix(tag: str) -> bytes:
-    """Serialized ``Summary.value`` entry up to its float: ``value { tag: <tag> simple_value: ...``."""
-    t = tag.encode("utf-8")
-    inner = b"\x0a" + _varint(len(t)) + t + b"\x15"  # field 1 (tag, bytes), field 2 (simple_value, fixed32)
-    return b"\x0a" + _varint(len(inner) + 4) + inner
-
-
-def _event_bytes(summary: bytes, step: int, wall_time: float) -> bytes:
-    """A serialized ``Event`` (wall_time = 1, step = 2, summary = 5) around a serialized ``Summary``."""
-    return (b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(int(step) & 0xFFFFFFFFFFFFFFFF)
-            + b"\x2a" + _varint(len(summary)) + summary)
-
-
-def _histogram_value_bytes(tag: str, h: HistogramData | None) -> bytes:
-    """Serialized ``Summary.value`` holding a ``HistogramProto`` (what ``add_histogram_raw`` writes),
-    built from packed float64 arrays: no protobuf objects, no per-bucket Python work."""
-    if h is None:
-        return b""
-    limits = np.asarray(h.bucket_limits, dtype="<f8").tobytes()
-    counts = np.asarray(h.bucket_counts, dtype="<f8").tobytes()
-    histo = (struct.pack("<BdBdBdBdBd", 0x09, h.min, 0x11, h.max, 0x19, float(h.num), 0x21, h.sum, 0x29, h.sum_squares)
-             + b"\x32" + _varint(len(limits)) + limits + b"\x3a" + _varint(len(counts)) + counts)
-    t = tag.encode("utf-8")
-    inner = b"\x0a" + _varint(len(t)) + t + b"\x2a" + _varint(len(histo)) + histo
-    return b"\x0a" + _varint(len(inner)) + inner
-
-
-def _encode_scalars(prefixes: np.ndarray, values: np.ndarray) -> bytes:
-    """Serialized ``Summary`` entries for the non-NaN ``values`` (float32, as ``simple_value``).
-
-    Building the bytes from cached per-tag prefixes costs ~0.1 us per scalar; creating one
-    ``Summary.Value`` object per scalar costs ~10x more, which matters at hundreds of layers.
-    """
-    keep = ~np.isnan(values)
-    floats = values[keep].astype("<f4").tobytes()
-    return b"".join([p + floats[4 * i:4 * i + 4] for i, p in enumerate(prefixes[keep].tolist())])
 
 
 class TensorBoardSink:
@@ -206,24 +148,11 @@ class TensorBoardSink:
                           "to the writer as it arrives", DeprecationWarning, stacklevel=2)
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, int | float) or not flush_secs > 0:
             raise ValueError(f"flush_secs must be a positive number of seconds, got {flush_secs!r}")
-        if isinstance(log_dir, str | os.PathLike):
-            from torch.utils.tensorboard import SummaryWriter
-
-            # a deeper queue than the default 10 lets bursts (histograms, figure, text) go by without waiting
-            self.writer = SummaryWriter(log_dir=os.fspath(log_dir), flush_secs=flush_secs, max_queue=_MAX_QUEUE)
-            self.owns_writer = True
-        elif hasattr(log_dir, "add_custom_scalars") and (hasattr(log_dir, "file_writer") or hasattr(log_dir, "_get_file_writer")):
-            self.writer = log_dir
-            self.owns_writer = False
-        else:
-            raise TypeError(
-                "TensorBoardSink: log_dir must be a directory path or a torch.utils.tensorboard.SummaryWriter "
-                f"(tensorboardX's works too), got {type(log_dir).__name__}"
-            )
-        from gradwatch.checksums import accelerate_writer
-
+        self._out = EventWriter(log_dir, flush_secs=flush_secs, fast_crc=fast_crc)
+        self.writer = self._out.writer
+        self.owns_writer = self._out.owns_writer
         #: whether the writer got the fast record checksum (see :mod:`gradwatch.checksums`)
-        self.fast_crc = bool(fast_crc) and accelerate_writer(self.writer)
+        self.fast_crc = self._out.fast_crc
         self.watcher = watcher
         self.histograms = bool(histograms)
         self.weight_histograms = bool(weight_histograms)
@@ -235,148 +164,24 @@ class TensorBoardSink:
         self.prefix = prefix
         self.closed = False
         self.steps_written = 0
-        self._warned: set[str] = set()
-        self._table_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
-        self._table_lists: tuple[list[str], list[str], tuple[int, int]] | None = None
-        self._total_prefixes: dict[str, bytes] = {}
-        self._layer_keys: dict[str, str] = {}
-        self._act_keys: list[str] = []
+        self._tags = ScalarTags(prefix)
         self._meta_context: dict[str, Any] | None = None
-        self._grad_tags: np.ndarray = np.zeros(0, dtype=object)
-        self._act_tags: np.ndarray = np.zeros(0, dtype=object)
-        self._signal_tags: np.ndarray = np.zeros(0, dtype=object)
-        window = getattr(getattr(watcher, "thresholds", None), "window", _DEFAULT_WINDOW)
-        self._recent: deque[tuple[int, list[str], np.ndarray]] = deque(maxlen=int(window))
+        self._recent = RecentFlow(getattr(getattr(watcher, "thresholds", None), "window", _DEFAULT_WINDOW))
         self._diagnosis: Diagnosis | None = None
         self._text_signature: tuple | None = None
         self._last_step: int | None = None
         self._last_figure_step: int | None = None
         _LIVE.add(self)
 
-    # -- plumbing ----------------------------------------------------------------------------------
-    def _failed(self, what: str, exc: BaseException) -> None:
-        if what not in self._warned:
-            self._warned.add(what)
-            log.error("gradwatch: writing %s to TensorBoard failed (%s: %s); training continues and later writes "
-                      "are still attempted (this message is shown once)", what, type(exc).__name__, exc)
-        else:
-            log.debug("gradwatch: writing %s to TensorBoard failed again: %s", what, exc)
-
-    def _file_writer(self) -> Any | None:
-        """The writer's event-file writer, or ``None`` once the writer was closed.
-
-        ``SummaryWriter._get_file_writer()`` silently opens a *new* event file after ``close()``;
-        a borrowed writer closed by its owner must not be resurrected, so the attribute is read.
-        """
-        if hasattr(self.writer, "file_writer"):
-            return self.writer.file_writer
-        getter = getattr(self.writer, "_get_file_writer", None)
-        return getter() if callable(getter) else None
-
-    def _writable(self, what: str) -> Any | None:
-        fw = self._file_writer()
-        if fw is None and "closed" not in self._warned:
-            self._warned.add("closed")
-            log.warning("gradwatch: the SummaryWriter was closed before gradwatch finished; %s and everything after "
-                        "it are not written. Close the watcher before the writer (or the Lightning logger).", what)
-        return fw
-
-    def _add_summary(self, values: list[Summary.Value], step: int) -> None:
-        if not values:
-            return
-        fw = self._writable("scalars")
-        if fw is None:
-            return
-        fw.add_summary(Summary(value=values), step)
-
-    # -- tags --------------------------------------------------------------------------------------
-    def _total_prefix(self, name: str) -> bytes:
-        prefix = self._total_prefixes.get(name)
-        if prefix is None:
-            prefix = self._total_prefixes[name] = _value_prefix(T.total_tag(name, self.prefix))
-        return prefix
-
-    def _update_tables(self, layers: list[str], activations: list[str], step: int) -> None:
-        if self._table_lists is not None and self._table_lists[0] is layers and self._table_lists[1] is activations \
-                and self._table_lists[2] == (len(layers), len(activations)):
-            key = self._table_key  # the watcher passes the same lists until its layers change
-        else:
-            key = (tuple(layers), tuple(activations))
-            self._table_lists = (layers, activations, (len(layers), len(activations)))
-        if key == self._table_key:
+    def _update_tags(self, layers: list[str], activations: list[str], step: int) -> None:
+        """Follow the record's layers; (re)write the run's metadata when they or the run's context changed."""
+        if not self._tags.update(layers, activations):
             context = getattr(getattr(self.watcher, "history", None), "context", None)
-            if context is not None and context != self._meta_context:  # e.g. AMP loss scaling noticed later
-                self._write_meta(layers, activations, list(self._act_keys), step)
-            return
-        self._table_key = key
-        lw, aw = T.depth_width(len(layers)), T.depth_width(len(activations))
-        self._layer_keys = {name: T.layer_key(i, name, lw) for i, name in enumerate(layers)}
-        act_keys = self._act_keys = [T.layer_key(i, name, aw) for i, name in enumerate(activations)]
-        p = self.prefix
-
-        def prefixes(tags: list[str]) -> np.ndarray:
-            return np.array([_value_prefix(t) for t in tags], dtype=object)
-
-        self._grad_tags = prefixes([f"{p}{m}/{self._layer_keys[n]}" for n in layers for m in GRAD_METRICS])
-        self._signal_tags = prefixes([f"{p}{m}/{self._layer_keys[n]}" for n in layers for m in LAYER_SIGNAL_METRICS])
-        self._act_tags = prefixes([f"{p}{m}/{k}" for k in act_keys for m in ACT_METRICS])
-        self._write_meta(layers, activations, act_keys, step)
-
-    def _layer_key(self, name: str, index: int, n: int) -> str:
-        key = self._layer_keys.get(name)
-        return key if key is not None else T.layer_key(index, name, T.depth_width(n))
-
-    def _write_meta(self, layers: list[str], activations: list[str], act_keys: list[str], step: int) -> None:
-        w = self.watcher
-        history = getattr(w, "history", None)
-        lmeta = getattr(history, "layer_meta", {}) or {}
-        ameta = getattr(history, "activation_meta", {}) or {}
-        meta: dict[str, Any] = {
-            "format": META_FORMAT,
-            "prefix": self.prefix,
-            "layers": [
-                {"name": n, "key": self._layer_keys[n], **({**asdict(lmeta[n]), "depth": i} if n in lmeta else {"depth": i})}
-                for i, n in enumerate(layers)
-            ],
-            "activations": [
-                {"name": n, "key": k, **({**asdict(ameta[n]), "depth": i} if n in ameta else {"depth": i})}
-                for i, (n, k) in enumerate(zip(activations, act_keys, strict=True))
-            ],
-        }
-        if w is not None:
-            meta["name"] = getattr(w, "name", None)
-            self._meta_context = dict(getattr(history, "context", {}) or {})
-            meta["context"] = {k: _json_safe(v) for k, v in self._meta_context.items()}
-            th = getattr(w, "thresholds", None)
-            if th is not None:
-                meta["thresholds"] = asdict(th)
-            for attr in ("every_n_steps", "activation_every_n_steps", "slow_stats_every_n", "histogram_every_n_steps"):
-                if hasattr(w, attr):
-                    meta[attr] = getattr(w, attr)
-        payload = json.dumps(meta).encode("utf-8")
-        metadata = SummaryMetadata(
-            plugin_data=SummaryMetadata.PluginData(plugin_name=T.META_PLUGIN, content=json.dumps({"format": META_FORMAT}).encode()),
-            summary_description="gradwatch run metadata (read by `gradwatch report`)",
-        )
-        tensor = TensorProto(dtype="DT_STRING", string_val=[payload], tensor_shape=TensorShapeProto())
-        self._add_summary([Summary.Value(tag=self.prefix + T.META_TAG, tensor=tensor, metadata=metadata)], step)
-
-    def _write_layout(self, activations: bool = True) -> None:
-        if not self.layout:
-            return
-        try:
-            if self.writer in _LAYOUT_WRITTEN:
-                if _LAYOUT_WRITTEN[self.writer] != self.prefix and "layout" not in self._warned:
-                    self._warned.add("layout")
-                    log.info("gradwatch: this SummaryWriter already holds a gradwatch layout (prefix %r); "
-                             "TensorBoard accepts one layout per writer, so none is added for prefix %r",
-                             _LAYOUT_WRITTEN[self.writer], self.prefix)
-                return
-            _LAYOUT_WRITTEN[self.writer] = self.prefix
-        except TypeError:  # a writer that cannot be weakly referenced: write once per sink
-            pass
-        if self._writable("layout") is not None:
-            self.writer.add_custom_scalars(T.layout(self.prefix, activations=activations))
+            if context is None or context == self._meta_context:
+                return  # e.g. AMP loss scaling noticed later: written again below
+        meta, self._meta_context = run_meta(self.watcher, self.prefix, layers, self._tags.layer_keys, activations,
+                                            list(self._tags.act_keys))
+        self._out.add_summary([meta_value(self.prefix, meta)], step)
 
     # -- Sink protocol -----------------------------------------------------------------------------
     def write_step(self, record: StepRecord) -> None:
@@ -384,71 +189,37 @@ class TensorBoardSink:
         if self.closed:
             return
         try:
-            first = self._table_key is None
-            self._update_tables(record.layers, record.activations, record.step)
-            if first:  # no activation modules (functional activations): no forever-empty activation charts
-                self._write_layout(activations=bool(record.activations))
-            self._write_event(_event_bytes(self._scalar_values(record), record.step, time.time()))
-            self._recent.append((record.step, record.layers, record.values))
+            first = self._tags.empty
+            self._update_tags(record.layers, record.activations, record.step)
+            if first and self.layout:  # no activation modules (functional activations): no forever-empty charts
+                self._out.add_layout(self.prefix, activations=bool(record.activations))
+            self._out.write_event(event_bytes(self._tags.encode(record), record.step, time.time()))
+            self._recent.add(record.step, record.layers, record.values)
             self._last_step = record.step
             self.steps_written += 1
         except Exception as exc:
-            self._failed("scalars", exc)
+            self._out.failed("scalars", exc)
             return
         every = self.figure_every_n_steps
         if every and self.steps_written % every == 0:
             self.write_figure(record.step)
 
-    def _scalar_values(self, record: StepRecord) -> bytes:
-        """The step's scalars as a serialized ``Summary`` (see :func:`_encode_scalars`)."""
-        flat = np.asarray(record.values, dtype=np.float64).reshape(-1)
-        if len(flat) != len(self._grad_tags):
-            raise ValueError(f"step record has {flat.size} values for {len(self._grad_tags)} tags")
-        parts = [_encode_scalars(self._grad_tags, flat)]
-        for arr, tags in ((record.act_values, self._act_tags), (record.signal, self._signal_tags)):
-            if arr is None:
-                continue
-            a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.size != len(tags):
-                continue  # shapes from a newer core than this writer knows
-            parts.append(_encode_scalars(tags, a.reshape(-1)))
-        totals = {"grad_norm": record.total_norm, "loss": record.loss, **record.extra}
-        names = [k for k, v in totals.items() if v is not None and not math.isnan(v)]
-        if names:
-            prefixes = np.array([self._total_prefix(k) for k in names], dtype=object)
-            parts.append(_encode_scalars(prefixes, np.array([float(totals[k]) for k in names])))
-        return b"".join(parts)
-
     def write_histograms(self, step: int, layers: list[LayerInfo]) -> None:
         """Bin every layer's gradients (and optionally weights) on device; write raw histograms.
 
-        All histograms and counts of the step go out as one event, serialized here from packed
-        arrays (the same ``HistogramProto`` that ``add_histogram_raw`` writes).
+        All histograms and counts of the step go out as one event, serialized from packed arrays (the
+        same ``HistogramProto`` that ``add_histogram_raw`` writes).
         """
         if self.closed or not self.histograms:
             return
         try:
-            if self._writable("histograms") is None:
+            if self._out.writable("histograms") is None:
                 return
-            grads = [[p.grad for p in layer.params if p.grad is not None] for layer in layers]
-            results = bin_on_device(grads)
-            weights = bin_on_device([[p.detach() for p in layer.params] for layer in layers]) if self.weight_histograms else None
-            p = self.prefix
-            parts: list[bytes] = []
-            for i, layer in enumerate(layers):
-                key = self._layer_key(layer.name, i, len(layers))
-                h = results[i]
-                if h is not None:
-                    parts.append(_histogram_value_bytes(f"{p}{T.GRAD_HIST}/{key}", h.values))
-                    parts.append(_histogram_value_bytes(f"{p}{T.LOG10_HIST}/{key}", h.log10_abs))
-                    parts += [_value_prefix(f"{p}{name}/{key}") + struct.pack("<f", value)
-                              for name, value in zip(T.HIST_COUNTS, (h.zeros, h.nan, h.inf), strict=True)]
-                if weights is not None and weights[i] is not None:
-                    parts.append(_histogram_value_bytes(f"{p}{T.WEIGHT_HIST}/{key}", weights[i].values))
-            if parts:
-                self._write_event(_event_bytes(b"".join(parts), step, time.time()))
+            summary = encode_histograms(layers, self._tags.layer_key, self.prefix, weights=self.weight_histograms)
+            if summary:
+                self._out.write_event(event_bytes(summary, step, time.time()))
         except Exception as exc:
-            self._failed("histograms", exc)
+            self._out.failed("histograms", exc)
 
     def write_diagnosis(self, step: int, diagnosis: Diagnosis) -> None:
         """Remember the diagnosis (for the figure); write it as text when its findings changed."""
@@ -462,20 +233,18 @@ class TensorBoardSink:
             if sig == self._text_signature:
                 return
             self._text_signature = sig
-            if self._writable("diagnosis") is not None:
-                self.writer.add_text(self.prefix + T.DIAGNOSIS_TAG, diagnosis_markdown(diagnosis, step), global_step=step)
+            self._out.add_text(self.prefix + T.DIAGNOSIS_TAG, diagnosis_markdown(diagnosis, step), step, "diagnosis")
         except Exception as exc:
-            self._failed("diagnosis text", exc)
+            self._out.failed("diagnosis text", exc)
 
     def write_text(self, tag: str, text: str, step: int) -> None:
         """Free text under ``tag`` (e.g. what auto-fix did), shown in TensorBoard's TEXT tab."""
         if self.closed or not self.text:
             return
         try:
-            if self._writable("text") is not None:
-                self.writer.add_text(self.prefix + tag, text, global_step=step)
+            self._out.add_text(self.prefix + tag, text, step, "text")
         except Exception as exc:
-            self._failed("text", exc)
+            self._out.failed("text", exc)
 
     def write_figure(self, step: int | None = None) -> None:
         """Render the gradient-flow figure from the recent steps and log it as an image."""
@@ -484,64 +253,15 @@ class TensorBoardSink:
         if step is None or not self._recent or step == self._last_figure_step:
             return
         try:
-            from gradwatch.figure import diagnosis_flags, figure_to_png, gradient_flow_figure, verdict
-
-            layers, mean, mx = self._recent_profile()
-            v = verdict(self._diagnosis)
-            first = self._recent[0][0]
-            span = f"steps {first}-{step}" if first != step else f"step {step}"
-            fig = gradient_flow_figure(layers, mean, mx, flags=diagnosis_flags(self._diagnosis),
-                                       title=f"gradient flow ({span})" + (f": {v}" if v else ""))
-            png = figure_to_png(fig)
-            w, h = (int(v) for v in fig.canvas.get_width_height())
-            fw = self._writable("figure")
-            if fw is None:
-                return
-            image = Summary.Image(height=h, width=w, colorspace=4, encoded_image_string=png)
-            fw.add_summary(Summary(value=[Summary.Value(tag=self.prefix + T.FIGURE_TAG, image=image)]), step)
-            self._last_figure_step = step
+            image = self._recent.image(step, self._diagnosis)
+            if self._out.add_summary([Summary.Value(tag=self.prefix + T.FIGURE_TAG, image=image)], step, "figure"):
+                self._last_figure_step = step
         except Exception as exc:
-            self._failed("figure", exc)
-
-    def _recent_profile(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Per-layer medians of mean|g| and max|g| over the recent steps (layers of the latest step)."""
-        layers = self._recent[-1][1]
-        index = {n: i for i, n in enumerate(layers)}
-        mean = np.full((len(self._recent), len(layers)), np.nan)
-        mx = np.full_like(mean, np.nan)
-        for t, (_, names, values) in enumerate(self._recent):
-            cols = [index.get(n, -1) for n in names]
-            for j, c in enumerate(cols):
-                if c >= 0:
-                    mean[t, c] = values[j, GRAD["grad_mean_abs"]]
-                    mx[t, c] = values[j, GRAD["grad_max_abs"]]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return layers, np.nanmedian(mean, axis=0), np.nanmedian(mx, axis=0)
-
-    def _write_event(self, data: bytes) -> None:
-        """Hand one serialized event to the writer: as bytes on its record queue when the writer is
-        TensorBoard's own ``EventFileWriter``, else parsed, through the public ``add_event``."""
-        fw = self._writable("scalars")
-        if fw is None:
-            return
-        event_writer = getattr(fw, "event_writer", None)
-        async_writer = getattr(event_writer, "_async_writer", None)
-        if callable(getattr(async_writer, "write", None)) and type(event_writer).__name__ == "EventFileWriter":
-            async_writer.write(data)
-            return
-        from tensorboard.compat.proto.event_pb2 import Event
-
-        event = Event.FromString(data)
-        fw.add_event(event, event.step, event.wall_time)
+            self._out.failed("figure", exc)
 
     def flush(self) -> None:
         """Push the writer's queued events to disk."""
-        try:
-            if self._file_writer() is not None:
-                self.writer.flush()
-        except Exception as exc:
-            self._failed("flush", exc)
+        self._out.flush()
 
     def close(self) -> None:
         """Log the final figure, flush, and close the writer if this sink created it. Idempotent."""
@@ -551,11 +271,7 @@ class TensorBoardSink:
         self.flush()
         self.closed = True
         _LIVE.discard(self)
-        if self.owns_writer:
-            try:
-                self.writer.close()
-            except Exception as exc:
-                self._failed("close", exc)
+        self._out.close()
 
     def _at_exit(self) -> None:
         """Interpreter exit without ``close()``: the source's buffered steps are recorded, then the writer
@@ -566,14 +282,10 @@ class TensorBoardSink:
             try:
                 self.watcher.record_pending()
             except Exception as exc:
-                self._failed("pending steps", exc)
+                self._out.failed("pending steps", exc)
         self.flush()
         self.closed = True
-        if self.owns_writer:
-            try:
-                self.writer.close()
-            except Exception:
-                pass
+        self._out.close(report=False)
 
     def __repr__(self) -> str:
         where = getattr(self.writer, "log_dir", None) or getattr(self.writer, "logdir", "?")

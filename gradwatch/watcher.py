@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -16,67 +13,35 @@ from torch import nn
 from gradwatch.activations import ACT_METRICS, LAYER_SIGNAL_METRICS, ActivationSampler
 from gradwatch.collect import GRAD_METRICS, GradientCollector, PeerWatcherFailed, StepStats
 from gradwatch.diagnose import diagnose as run_diagnosis
+from gradwatch.diagnosis_publisher import DiagnosisPublisher, with_fix_code
 from gradwatch.findings import Diagnosis
-from gradwatch.history import ActivationMeta, History, LayerMeta
+from gradwatch.histogram_rounds import HistogramRounds
+from gradwatch.history import History
 from gradwatch.hotpath import HostPipeline, HostRow, StepLaunch, device_rows, pack_step
+from gradwatch.layer_meta import activation_layout, layer_meta
 from gradwatch.layers import (
-    ROOT_NAME,
     ForwardOrderRecorder,
     LayerInfo,
-    activation_kind,
     depth_order,
-    discover_activations,
     discover_layers,
     structure_from_recorder,
     unwrap_model,
 )
+from gradwatch.optimizer_hooks import hookable_optimizer, largest_lr, optimizer_context, register_pre_hook
 from gradwatch.options import WatchOptions
-from gradwatch.sinks import Sink, StepRecord
+from gradwatch.param_changes import ParameterChanges
+from gradwatch.row_reduction import RowReduction
+from gradwatch.sinks import Sink
 from gradwatch.step_buffer import StepBuffer
+from gradwatch.step_recorder import StepRecorder
 from gradwatch.structure import ModelStructure
 from gradwatch.thresholds import Thresholds
+from gradwatch.watch_registry import claim, release
 
 log = logging.getLogger("gradwatch")
 
-_WATCHED: weakref.WeakKeyDictionary[nn.Module, GradWatcher] = weakref.WeakKeyDictionary()
-_SCALE_INVARIANT_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Adafactor", "SparseAdam")
-_CHANNEL_FIRST_FEEDERS = ("Conv", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm")
-
-
 #: common steps recorded (history, sinks) together: whole-array appends instead of per-step work
 _RECORD_BATCH = 10
-
-
-def _hookable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer whose ``step()`` really updates the weights, for the step pre-hook.
-
-    Wrappers such as accelerate's ``AcceleratedOptimizer`` subclass ``torch.optim.Optimizer`` without
-    running its ``__init__`` (so they cannot take hooks) and keep the real optimizer in ``.optimizer``.
-    Hooking the wrapped optimizer is also what makes the collection right under them: its ``step()``
-    runs only on steps where gradients are synchronised (``accelerator.accumulate``), and under fp16
-    mixed precision only after ``GradScaler`` unscaled the gradients (an overflow step, which the
-    scaler skips, is not collected). Its class name is also the one the diagnosis needs (Adam-like
-    optimizers are invariant to gradient scale).
-    """
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) and inner.optimizer is not inner:
-        inner = inner.optimizer
-    return inner
-
-
-def _register_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable[..., None]) -> Any:
-    """``register_step_pre_hook`` on ``optimizer``, or a gradwatch error saying what to do instead."""
-    try:
-        return optimizer.register_step_pre_hook(hook)
-    except AttributeError as exc:
-        raise TypeError(
-            f"gradwatch.watch(optimizer=...): {type(optimizer).__name__} does not support optimizer step hooks "
-            f"({exc}); it subclasses torch.optim.Optimizer without initialising it and wraps no optimizer that "
-            "does. Pass the underlying torch optimizer, or pass hook_optimizer=False and call watcher.step() "
-            "after backward and before optimizer.step() yourself."
-        ) from None
-
-
 
 
 class GradWatcher:
@@ -188,14 +153,10 @@ class GradWatcher:
             auto_fix_verify_steps=auto_fix_verify_steps, auto_fix_options=auto_fix_options, on_error=on_error,
             name=name, sinks=sinks, scaler=scaler, hot_path=hot_path,
         )
-        base_optimizer = _hookable_optimizer(optimizer) if optimizer is not None else None
         self.every_n_steps = opts.every_n_steps
         self.slow_stats_every_n = opts.slow_stats_every_n
         self.activation_every_n_steps = opts.activation_every_n_steps
-        self.histogram_every_n_steps = opts.histogram_every_n_steps
-        self.histogram_max_elements = opts.histogram_max_elements
-        self._histograms_due: list[LayerInfo] = []  # layers of the current histogram round not binned yet
-        self._histogram_round_size = 0  # gradient elements of the current round
+        self._histograms = HistogramRounds(opts.histogram_every_n_steps, opts.histogram_max_elements)
         self.figure_every_n_steps = opts.figure_every_n_steps
         self.diagnose_every_n_steps = opts.diagnose_every_n_steps
         self.model = unwrap_model(model)
@@ -211,7 +172,9 @@ class GradWatcher:
         self._history = History(capacity=history_capacity)
         #: common steps whose recording (history, sinks) is batched: the one buffer before the disk
         self._buffer = StepBuffer(_RECORD_BATCH)
-        self.sinks: list[Sink] = list(sinks)
+        self._sinks: list[Sink] = list(sinks)
+        self._step_recorder = StepRecorder(self._history, self._sinks)
+        self._publisher = DiagnosisPublisher(self._sinks)
         self.error: str | None = None
         self.closed = False
         self.calls = 0            # step() calls
@@ -219,23 +182,13 @@ class GradWatcher:
         self._structure = ModelStructure()
         self._track_updates = track_updates
         self._warned: set[str] = set()
-        self._last_diagnosis: Diagnosis | None = None
-        self._last_signature: tuple | None = None
         self._handles: list[Any] = []
-        self._recorder: ForwardOrderRecorder | None = None
+        self._forward_order: ForwardOrderRecorder | None = None
         self._sampler: ActivationSampler | None = None
-        self._param_key: tuple[int, ...] = ()
-        self._extra_scalars: dict[str, float] = {}
+        self._param_changes = ParameterChanges(self.model)
         self._step_callbacks: list[Callable[[GradWatcher, int], None]] = []
         self._pending_loss: Any = None
-        #: Optional cross-process reduction of the per-device statistic rows before the host copy,
-        #: for sharded parameters (FSDP): ``fn(rows) -> rows`` (see ``collect.reduce_sharded_rows``).
-        #: A collective one also has ``abstain()``: after this watcher fails, it is called instead at
-        #: the next step the other ranks reduce at (it sends zero rows), so they stop there too, raising
-        #: ``collect.PeerWatcherFailed``, instead of waiting for this rank in the collective.
-        self.row_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._reduced = False  # this collected step's rows went through row_reducer
-        self._owes_reduction = False  # failed before taking part in the next reduction
+        self._reduction = RowReduction()
 
         layers = discover_layers(self.model)
         if not layers:
@@ -246,30 +199,19 @@ class GradWatcher:
         if not any(p.requires_grad for layer in layers for p in layer.params):
             log.warning("gradwatch: every parameter of %s is frozen (requires_grad=False); no gradients will be recorded "
                         "until some are unfrozen", self.name)
-        other = _WATCHED.get(self.model)
-        if other is not None and not other.closed:
-            raise RuntimeError(
-                f"gradwatch.watch: this {type(self.model).__name__} is already watched by another GradWatcher "
-                f"({other.name!r}). Call .close() on it first (or use `with gradwatch.watch(...)`)."
-            )
-        _WATCHED[self.model] = self
-        self.history.context["optimizer"] = type(base_optimizer).__name__ if base_optimizer is not None else None
-        self.history.context["optimizer_scale_invariant"] = (
-            type(base_optimizer).__name__ in _SCALE_INVARIANT_OPTIMIZERS if base_optimizer is not None else None
-        )
-        lrs = [g.get("lr") for g in optimizer.param_groups] if optimizer is not None else []
-        lr_values = [float(v) for v in lrs if isinstance(v, int | float)]
-        self.history.context["lr"] = max(lr_values) if lr_values else None
+        claim(self.model, self)
+        self.history.context.update(optimizer_context(*([optimizer] if optimizer is not None else [])))
+        self.history.context["lr"] = largest_lr(optimizer)
         self.scaler = scaler
         if scaler is not None:
             self.history.context["amp_loss_scaling"] = bool(getattr(scaler, "is_enabled", lambda: True)())
         self._set_layers(layers)
-        self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
+        self._forward_order = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
         if self.activations_enabled and self._is_sample(0):
             self._sampler_arm()
         self._hook_optimizer = bool(hook_optimizer)
         if optimizer is not None and self._hook_optimizer:
-            self._handles.append(_register_pre_hook(base_optimizer, self._optimizer_pre_hook))
+            self._handles.append(register_pre_hook(hookable_optimizer(optimizer), self._optimizer_pre_hook))
         self.autofixer = None
         if self.auto_fix:
             if optimizer is None:
@@ -288,40 +230,19 @@ class GradWatcher:
     def _set_layers(self, layers: list[LayerInfo]) -> None:
         if getattr(self, "_buffer", None) or getattr(self, "_pipeline", None):
             self._drain()  # recorded under the layers they were measured with
-        order = self._recorder.order if self._recorder is not None and self._recorder.done else self._structure.order
+        order = self._forward_order.order if self._forward_order is not None and self._forward_order.done else self._structure.order
         self.layers = depth_order(layers, order)
-        self._param_key = tuple(id(p) for layer in self.layers for p in layer.params)
+        self._param_changes.remember(self.layers)
         self.collector = GradientCollector(self.layers, track_updates=self._track_updates, hot_path=self.hot_path)
-        meta = [
-            LayerMeta(type_name=layer.type_name, depth=i, fan_in=layer.fan_in, numel=layer.numel,
-                      recurrent=isinstance(layer.module, nn.RNNBase))
-            for i, layer in enumerate(self.layers)
-        ]
-        self._columns = self.history.register_layers([layer.name for layer in self.layers], meta)
-        acts = discover_activations(self.model)
-        rank = {n: i for i, n in enumerate(order or [])}
-        acts.sort(key=lambda a: rank.get(a[0], len(rank)))
-        act_info = self._structure.activations
-        param_names = [layer.name for layer in self.layers]
-        last_layer_pos = max((rank[n] for n in param_names if n in rank and n != ROOT_NAME), default=-1)
-        types = self._structure.types
-        ameta, channel_first = [], set()
-        for i, (aname, module) in enumerate(acts):
-            feeder = act_info.get(aname)
-            if feeder and types.get(feeder, "").startswith(_CHANNEL_FIRST_FEEDERS):
-                channel_first.add(aname)
-            ameta.append(ActivationMeta(
-                kind=activation_kind(module) or "", type_name=type(module).__name__, depth=i, feeding_layer=feeder,
-                is_output=bool(rank) and rank.get(aname, -1) > last_layer_pos,
-            ))
-        self._acts = acts
-        self._act_columns = self.history.register_activations([a for a, _ in acts], ameta)
+        acts = activation_layout(self.model, self.layers, order, self._structure)
+        self._step_recorder.set_layers([layer.name for layer in self.layers], layer_meta(self.layers), acts.names,
+                                       acts.meta)
         if not self.activations_enabled:
             self._sampler = None
         elif self._sampler is None:
-            self._sampler = ActivationSampler(self.model, acts, self.layers, channel_first)
+            self._sampler = ActivationSampler(self.model, acts.modules, self.layers, acts.channel_first)
         else:
-            self._sampler.update(acts, self.layers, channel_first)
+            self._sampler.update(acts.modules, self.layers, acts.channel_first)
 
     def _on_first_forward(self, recorder: ForwardOrderRecorder) -> None:
         try:
@@ -365,11 +286,11 @@ class GradWatcher:
         if self.closed:
             return
         if self.error is not None:
-            if self._owes_reduction:  # a failed watcher still takes part in the others' next reduction
+            if self._reduction.owed:  # a failed watcher still takes part in the others' next reduction
                 call = self.calls
                 self.calls += 1
                 if call % self.every_n_steps == 0:
-                    self._abstain()
+                    self._reduction.abstain()
             return
         call = self.calls
         self.calls += 1
@@ -377,7 +298,7 @@ class GradWatcher:
             self._arm_for_next_call()
             return
         index = self.collected
-        self._reduced = False
+        self._reduction.begin_step()
         if self.scaler is not None and index % self.slow_stats_every_n == 0:
             self.note_loss_scale(self.scaler.get_scale(), call if global_step is None else int(global_step))
         try:
@@ -393,14 +314,11 @@ class GradWatcher:
     def _collect(self, step: int, loss: Any) -> None:
         index = self.collected
         slow = index % self.slow_stats_every_n == 0
-        if slow and self._params_maybe_changed() and self._params_changed():
+        if slow and self._param_changes.changed():
             log.info("gradwatch: the parameters of %s changed since watch(); re-discovering layers", self.name)
             self._set_layers(discover_layers(self.model))
         self._pipeline.read(self.collector, self._consume)  # earlier delayed steps complete by now (no waiting)
-        partials = device_rows(self.collector.compute_on_device(slow))
-        if self.row_reducer is not None:
-            self._reduced = True  # (a reducer that raises has taken part in the collective)
-            partials = [p._replace(rows=self.row_reducer(p.rows)) for p in partials]
+        partials = self._reduction.reduce(device_rows(self.collector.compute_on_device(slow)))
         if not partials:
             if "no-grad" not in self._warned:
                 self._warned.add("no-grad")
@@ -414,20 +332,19 @@ class GradWatcher:
             sample = self._sampler.gather(device)
         packed = pack_step(partials, sample, loss)  # one host copy: rows + activation sample + loss
         # histogram rounds only where a sink can write them (they also keep steps out of batched recording)
-        hist_round = bool(self.histogram_every_n_steps and self.sinks) and index % self.histogram_every_n_steps == 0
+        hist_round = self._histograms.starts_at(index, writable=bool(self.sinks))
         launch = self._pipeline.launch(
-            self.collector, packed, step=step, slow=slow, keep_out=hist_round or bool(self._histograms_due),
+            self.collector, packed, step=step, slow=slow, keep_out=hist_round or self._histograms.in_progress,
             diagnosing=bool(self.diagnose_every_n_steps) and bool(index) and index % self.diagnose_every_n_steps == 0,
             on_row=self._consume,
         )
         delayed = self._pipeline.delayed
         if not delayed:
             self._pipeline.read(self.collector, self._record_row)
-        if hist_round and not self._histograms_due:
-            self._histograms_due = list(self.layers)  # a new round (an unfinished one is finished first)
-            self._histogram_round_size = sum(layer.numel for layer in self.layers)
-        if self._histograms_due:
-            layers = self._next_histogram_layers()
+        if hist_round:
+            self._histograms.start(self.layers)
+        if self._histograms.in_progress:
+            layers = self._histograms.next_layers(self.layers)
             if layers:
                 if delayed:  # the earlier steps' scalars first (the histograms copy to the host anyway)
                     self._pipeline.read(self.collector, self._consume, wait=True)
@@ -457,29 +374,7 @@ class GradWatcher:
         for cb in list(self._step_callbacks):
             cb(self, launch.step)
         if launch.diagnosing:
-            self._diagnose_and_publish(launch.step)
-
-    def _next_histogram_layers(self) -> list[LayerInfo]:
-        """The layers of the histogram round binned on this step: in depth order, up to
-        ``histogram_max_elements`` gradient elements (at least one layer); layers that left the
-        model since the round started are skipped."""
-        current = {id(layer) for layer in self.layers}
-        due = [layer for layer in self._histograms_due if id(layer) in current]
-        budget = self.histogram_max_elements
-        if budget is None:
-            self._histograms_due = []
-            return due
-        # a round must end within the cadence however large the model: greedy packing needs at most
-        # 2 * total / budget + 1 steps
-        budget = max(budget, math.ceil(2 * self._histogram_round_size / max(1, self.histogram_every_n_steps)))
-        taken, size = 0, 0
-        for layer in due:
-            if taken and size + layer.numel > budget:
-                break
-            size += layer.numel
-            taken += 1
-        self._histograms_due = due[taken:]
-        return due[:taken]
+            self._publisher.publish(launch.step, self._diagnose())
 
     def _after_step(self, index: int) -> None:
         self.collected = index + 1
@@ -516,70 +411,20 @@ class GradWatcher:
 
     def _record_buffer(self) -> None:
         """Record the buffered common steps: one whole-array history append, then the sinks."""
-        if not self._buffer:
-            return
-        items = self._buffer.take()
-        values = np.stack([item.stats.values.numpy() for item in items])
-        steps = [item.step for item in items]
-        totals = [item.stats.total_norm for item in items]
-        self._history.append_steps(steps, self._columns, values, totals, [item.loss for item in items])
-        if self.sinks:
-            layer_names, act_names = self._record_names()
-            extra = dict(self._extra_scalars)
-            for k, item in enumerate(items):
-                record = StepRecord(step=item.step, layers=layer_names, values=values[k], total_norm=totals[k],
-                                    loss=item.loss, activations=act_names, extra=extra)
-                for sink in self.sinks:
-                    sink.write_step(record)
+        if self._buffer:
+            self._step_recorder.write_batch(self._buffer.take())
 
     def _record(self, step: int, stats: StepStats, loss: float, sample: torch.Tensor | None) -> None:
-        values = stats.values.numpy()
-        self._history.append_step(step, self._columns, values, stats.total_norm, loss)
         act_values = signal = None
         if sample is not None and self._sampler is not None:
             act_t, sig_t = self._sampler.split(sample.to(torch.float64))
             act_values, signal = act_t.numpy(), sig_t.numpy()
-            self._history.append_sample(step, self._act_columns, act_values, self._columns, signal)
-        if self.sinks:
-            layer_names, act_names = self._record_names()
-            record = StepRecord(
-                step=step, layers=layer_names, values=values, total_norm=stats.total_norm,
-                loss=loss, activations=act_names, act_values=act_values, signal=signal,
-                extra=dict(self._extra_scalars),
-            )
-            for sink in self.sinks:
-                sink.write_step(record)
-
-    def _record_names(self) -> tuple[list[str], list[str]]:
-        """Layer and activation names for step records, rebuilt only when the layers change (no
-        per-layer Python work on the hot path). Sinks must not modify these lists."""
-        cache = getattr(self, "_names_cache", None)
-        if cache is None or cache[0] is not self.layers or cache[1] is not self._acts:
-            cache = self._names_cache = (self.layers, self._acts, [layer.name for layer in self.layers],
-                                         [a for a, _ in self._acts])
-        return cache[2], cache[3]
-
-    def _params_maybe_changed(self) -> bool:
-        """Cheap pre-check for :meth:`_params_changed` on the hot path: the identities of
-        ``model.parameters()`` (a fraction of the cost of re-discovering layers); only when they
-        differ from the last check are the layers re-discovered."""
-        fingerprint = tuple(map(id, self.model.parameters()))
-        if fingerprint == getattr(self, "_param_fingerprint", None):
-            return False
-        self._param_fingerprint = fingerprint
-        return True
-
-    def _params_changed(self) -> bool:
-        key = tuple(id(p) for layer in discover_layers(self.model) for p in layer.params)
-        return key != self._param_key
+        self._step_recorder.write(step, stats, loss, act_values, signal)
 
     def _fail(self, exc: BaseException) -> None:
         peer = isinstance(exc, PeerWatcherFailed)
-        if not peer and callable(getattr(self.row_reducer, "abstain", None)):
-            # the other ranks reduce at this step (if this one has not yet) or at the next collected one
-            self._owes_reduction = True
-            if not self._reduced:
-                self._abstain()
+        if not peer:
+            self._reduction.note_failure()
         if self.on_error == "raise":
             raise exc
         self.error = f"{type(exc).__name__}: {exc}"
@@ -591,15 +436,37 @@ class GradWatcher:
                       "Statistics up to here are kept.", self.name, self.error)
         self._detach()
 
-    def _abstain(self) -> None:
-        """Take part in the row reduction this failed watcher owes the other ranks (zero rows: the others
-        learn that it failed and stop collecting at the same step)."""
-        self._owes_reduction = False
-        self._reduced = True
-        try:
-            self.row_reducer.abstain()
-        except Exception as exc:  # the collective itself broke: nothing more to take part in
-            log.debug("gradwatch: the reduction taken part in after a failure raised: %s", exc)
+    @property
+    def row_reducer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Optional cross-process reduction of the per-device statistic rows before the host copy, for
+        sharded parameters (FSDP): ``fn(rows) -> rows`` (see ``collect.reduce_sharded_rows``). A
+        collective one also has ``abstain()``: after this watcher fails, it is called instead at the next
+        step the other ranks reduce at (it sends zero rows), so they stop there too, raising
+        ``collect.PeerWatcherFailed``, instead of waiting for this rank in the collective."""
+        return self._reduction.reducer
+
+    @row_reducer.setter
+    def row_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self._reduction.reducer = reducer
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """Where each step goes besides the history (one list, shared with the recording and publishing)."""
+        return self._sinks
+
+    @sinks.setter
+    def sinks(self, sinks: Iterable[Sink]) -> None:
+        self._sinks[:] = list(sinks)
+
+    @property
+    def histogram_every_n_steps(self) -> int:
+        """TensorBoard histogram cadence in collected steps (0: never)."""
+        return self._histograms.every_n_steps
+
+    @property
+    def histogram_max_elements(self) -> int | None:
+        """Gradient elements binned on one step at most (``None``: a whole round on its first step)."""
+        return self._histograms.max_elements
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -615,15 +482,15 @@ class GradWatcher:
     def set_scalar(self, name: str, value: float) -> None:
         """Attach an extra scalar (e.g. a clipping threshold) to the following step records."""
         self._drain()  # earlier steps keep the value they had
-        self._extra_scalars[name] = float(value)
+        self._step_recorder.extra[name] = float(value)
 
     def relayer(self) -> None:
         """Re-discover layers after the model changed (a fix), and re-record depth on the next forward."""
-        if self._recorder is not None:
-            self._recorder.remove()
+        if self._forward_order is not None:
+            self._forward_order.remove()
         self._set_layers(discover_layers(self.model))
         if not self.closed:
-            self._recorder = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
+            self._forward_order = ForwardOrderRecorder(self.model, on_done=self._on_first_forward)
 
     def add_step_callback(self, fn: Callable[[GradWatcher, int], None]) -> None:
         """Call ``fn(watcher, step)`` after each collected step (used by auto-fix and integrations)."""
@@ -640,7 +507,7 @@ class GradWatcher:
         """
         if self.closed:
             return
-        recorder = self._recorder
+        recorder = self._forward_order
         if recorder is not None and not recorder.done and recorder.order:
             recorder.finish_forward()
         if self._sampler is not None and self._sampler.armed:
@@ -657,11 +524,7 @@ class GradWatcher:
     def note_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
         """Tell the diagnosis which optimizer(s) update the model, without hooking them (the caller
         collects). Adam-like optimizers are invariant to gradient scale, which changes the fixes."""
-        names = [type(_hookable_optimizer(opt)).__name__ for opt in optimizers]
-        self.history.context["optimizer"] = ", ".join(dict.fromkeys(names)) if names else None
-        self.history.context["optimizer_scale_invariant"] = (
-            all(n in _SCALE_INVARIANT_OPTIMIZERS for n in names) if names else None
-        )
+        self.history.context.update(optimizer_context(*optimizers))
 
     def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
         """Diagnose the most recent ``thresholds.window`` collected steps."""
@@ -675,32 +538,7 @@ class GradWatcher:
         view = self._history.view(last=th.window, last_samples=max(3, th.window // max(1, self.activation_every_n_steps) + 1),
                                  active_only=True, lookback=th.spike_lookback)
         diag = run_diagnosis(view, th, structure=self._structure.to_dict())
-        return self._with_code(diag)
-
-    def _with_code(self, diag: Diagnosis) -> Diagnosis:
-        """Attach the recommendation as copy-pasteable code (a dry run: nothing changes)."""
-        if diag.healthy or not self._structure:
-            return diag
-        try:
-            from dataclasses import replace
-
-            from gradwatch.fixes import apply_fixes
-
-            plan = apply_fixes(self.model, diag, dry_run=True)
-            return replace(diag, code=plan.code)
-        except Exception as exc:  # the recommendation text must never break a diagnosis
-            log.debug("gradwatch: could not render fix code: %s", exc)
-            return diag
-
-    def _diagnose_and_publish(self, step: int) -> Diagnosis:
-        diag = self._diagnose()
-        self._last_diagnosis = diag
-        sig = diag.signature()
-        if sig != self._last_signature:
-            self._last_signature = sig
-            for sink in self.sinks:
-                sink.write_diagnosis(step, diag)
-        return diag
+        return with_fix_code(self.model, self._structure, diag)
 
     def to_dataframe(self, include_long_term: bool = False) -> pd.DataFrame:
         """Long format ``step, layer, metric, value`` (plus ``depth``) of everything kept in history."""
@@ -715,8 +553,8 @@ class GradWatcher:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._recorder is not None:
-            self._recorder.remove()
+        if self._forward_order is not None:
+            self._forward_order.remove()
         if self._sampler is not None:
             self._sampler.close()
         self.collector.release_snapshot()
@@ -733,10 +571,7 @@ class GradWatcher:
         try:
             if self.sinks and self.history.total_steps:
                 step = int(self.history.view(last=1).steps[-1])
-                diag = self.diagnose()
-                self._last_diagnosis = diag
-                for sink in self.sinks:
-                    sink.write_diagnosis(step, diag)
+                self._publisher.publish_final(step, self.diagnose())
         except Exception as exc:  # closing must not raise from inside a finally block
             log.error("gradwatch: final diagnosis failed: %s", exc)
         for sink in self.sinks:
@@ -745,8 +580,7 @@ class GradWatcher:
             except Exception as exc:
                 log.error("gradwatch: closing sink %s failed: %s", type(sink).__name__, exc)
         self.closed = True
-        if _WATCHED.get(self.model) is self:
-            del _WATCHED[self.model]
+        release(self.model, self)
 
     def __enter__(self) -> GradWatcher:
         return self

@@ -99,7 +99,7 @@ def test_clipping_engages_on_exploding_gradients_and_its_threshold_is_logged() -
                          diagnose_every_n_steps=10, on_error="raise") as w:
         run(model, opt, w, 30)
         assert [e.action for e in w.autofixer.events if e.action == "clipping"] == ["clipping"]
-        assert "clip_threshold" in w._extra_scalars
+        assert "clip_threshold" in w._step_recorder.extra
         assert w.autofixer.state == "verifying"  # clipping is verified like every other fix
         run(model, opt, w, 60)
         assert [e.action for e in w.autofixer.events][-2:] in (["clipping", "kept"], ["clipping", "rolled_back"])

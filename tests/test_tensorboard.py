@@ -491,18 +491,18 @@ def test_histogram_bytes_are_the_proto_tensorboard_would_write() -> None:
     ``add_histogram_raw`` builds from the same numbers."""
     from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-    from gradwatch.tensorboard import _histogram_value_bytes
+    from gradwatch.tensorboard_events import histogram_value_bytes
 
     g = torch.randn(3000, dtype=torch.float64) * 1e-3
     g[:50] = 0.0
     (layer,) = bin_on_device([[g]])
     for h in (layer.values, layer.log10_abs):
-        (value,) = Summary.FromString(_histogram_value_bytes("grad_hist/00.fc", h)).value
+        (value,) = Summary.FromString(histogram_value_bytes("grad_hist/00.fc", h)).value
         want = HistogramProto(min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
                               bucket_limit=h.bucket_limits, bucket=h.bucket_counts)
         assert value.tag == "grad_hist/00.fc" and value.histo == want
         assert sum(value.histo.bucket) == h.num > 0
-    assert _histogram_value_bytes("x", None) == b""
+    assert histogram_value_bytes("x", None) == b""
 
 
 def test_a_histogram_round_is_spread_over_steps_within_the_element_budget(tmp_path: Path) -> None:
