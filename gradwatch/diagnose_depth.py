@@ -7,17 +7,34 @@ step of a window at once, and the small NaN-tolerant helpers the rules share.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
 
 
 def nanmedian(a: np.ndarray, axis: int | None = None) -> Any:
-    """``np.nanmedian`` without the warning for all-NaN slices (they are NaN: "not measured")."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(a, axis=axis)
+    """``np.nanmedian``, NaN for all-NaN slices (they are "not measured") without a warning.
+
+    One sort instead of numpy's masked-array path for small slices, which cost ~0.6 ms a call and ran
+    a dozen times per diagnosis (NaNs sort last; the median of the ``n`` finite-or-infinite values is
+    the mean of the two middle ones, as in numpy).
+    """
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        a = a.astype(np.float64)
+    if axis is None:
+        a, axis = a.reshape(-1), 0
+    axis = axis % a.ndim
+    n = (~np.isnan(a)).sum(axis=axis, keepdims=True)
+    if a.shape[axis] == 0:
+        return np.full(np.squeeze(n, axis=axis).shape, np.nan, dtype=a.dtype)[()]
+    s = np.sort(a, axis=axis)
+    lo = np.take_along_axis(s, np.maximum(n - 1, 0) // 2, axis=axis)
+    hi = np.take_along_axis(s, np.minimum(n // 2, a.shape[axis] - 1), axis=axis)
+    with np.errstate(invalid="ignore"):
+        med = (lo + hi) / 2
+    med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False)
+    return np.squeeze(med, axis=axis)[()]
 
 
 def log10_or_nan(a: np.ndarray) -> np.ndarray:

@@ -388,3 +388,32 @@ def test_the_reasons_printed_are_the_fixes_own(monkeypatch: pytest.MonkeyPatch) 
     sat = [("a0", "sigmoid", False, 0.0, 0.1), ("a1", "sigmoid", True, 0.0, 0.99)]
     (f,) = diagnose(view(decaying(10, 6.0), acts=sat)).by_kind("vanishing")
     assert f.reasons[f.fixes.index("residual")] == "a reason a0 only the class knows"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_nanmedian_is_numpys_on_nan_inf_and_empty_slices(dtype: type) -> None:
+    """The diagnosis' one-sort median agrees with ``np.nanmedian`` exactly (value, shape, dtype),
+    all-NaN and empty slices included, without numpy's all-NaN warning."""
+    import warnings
+
+    from gradwatch.diagnose_depth import nanmedian
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        shape = tuple(int(s) for s in rng.integers(0, 5, size=int(rng.integers(1, 4))))
+        a = (rng.standard_normal(shape) * 5).astype(dtype)
+        if a.dtype.kind == "f":
+            u = rng.random(shape)
+            a[u < 0.3] = np.nan
+            a[u > 0.95] = np.inf
+            a[(u > 0.9) & (u <= 0.95)] = -np.inf
+        for axis in [None, *range(-a.ndim, a.ndim)]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                expected = np.nanmedian(a, axis=axis)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = nanmedian(a, axis=axis)
+            assert np.shape(got) == np.shape(expected)
+            assert np.asarray(got).dtype == np.asarray(expected).dtype
+            np.testing.assert_array_equal(got, expected)
