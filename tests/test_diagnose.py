@@ -417,3 +417,7 @@ def test_nanmedian_is_numpys_on_nan_inf_and_empty_slices(dtype: type) -> None:
             assert np.shape(got) == np.shape(expected)
             assert np.asarray(got).dtype == np.asarray(expected).dtype
             np.testing.assert_array_equal(got, expected)
+    huge = np.array([[np.finfo(np.float32).max] * 2], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nanmedian(huge, axis=1)[0] == np.inf  # numpy's value too, without an overflow warning
