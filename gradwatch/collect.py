@@ -52,7 +52,14 @@ import torch
 
 from gradwatch.collect_plan import ReductionPlan, WeightSnapshot, as_real_dense, local_shard
 from gradwatch.collect_reduce import CHUNK, slot_statistics, weight_statistics
-from gradwatch.collect_shards import PeerWatcherFailed, reduce_sharded_rows, scale_rows, zero_rows
+from gradwatch.collect_shards import (
+    PEER_FAILED,
+    PeerWatcherFailed,
+    raise_if_peer_failed,
+    reduce_sharded_rows,
+    scale_rows,
+    zero_rows,
+)
 from gradwatch.layers import LayerInfo
 from gradwatch.metrics import GRAD, GRAD_METRICS, MAX_ROWS, PARTIALS, ROW, SUM_ROWS
 from gradwatch.transfer import resolve_hot_path
@@ -297,6 +304,8 @@ class GradientCollector:
         ``partials`` is unused (kept for callers of the former signature).
         """
         n = self.n_layers
+        for t in host:  # rows reduced across ranks (sharded parameters) say so if another rank's watcher failed
+            raise_if_peer_failed(t.numpy()[_NUMEL])
         state = launched or Launched(self._had_snapshot, self._all_present, repairable=True)
         if len(host) == 1 and not slow and not state.had_snapshot:
             fast = self._finish_fast(host[0], state.all_present)
@@ -418,5 +427,5 @@ class GradientCollector:
 
 
 
-__all__ = ["G", "GRAD_METRICS", "GradientCollector", "Launched", "PeerWatcherFailed", "StepStats",
+__all__ = ["G", "GRAD_METRICS", "PEER_FAILED", "GradientCollector", "Launched", "PeerWatcherFailed", "StepStats",
            "reduce_sharded_rows", "scale_rows", "zero_rows"]

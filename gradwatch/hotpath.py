@@ -142,6 +142,11 @@ class HostPipeline:
         self._transfer.launch(packed.flat, launch)
         return launch
 
+    def discard(self) -> None:
+        """Drop the launched steps not read yet (their copies are waited for first: a buffer is never
+        reused while a copy into it is in flight)."""
+        self._transfer.discard()
+
     def read(self, collector: GradientCollector, on_row: Callable[[HostRow, StepLaunch], None],
              wait: bool = False) -> None:
         """Call ``on_row(row, launch)`` for each launched step whose copy is complete, oldest first;

@@ -1,8 +1,11 @@
 """A watcher's part in a cross-process reduction of its statistic rows (sharded parameters, FSDP).
 
-The reduction is a collective: every rank must take part at the same collected step. A watcher that
-failed still owes the others its part at the next step they reduce at; it takes part with zero rows
-(``abstain()``), so that they learn it failed and stop there too instead of waiting for it.
+The reduction is a collective: every rank must take part at every collected step. A watcher that
+stopped -- it failed, or it learned that another rank's watcher did -- keeps taking part with zero rows
+(``abstain()``) at every collected step for the rest of the run. The others learn of a failure from the
+reduced rows when they read them on the host, which on an accelerator happens a step or more later
+(reading it at once would make the host wait for the device at every reduction); since nobody ever
+stops joining, nobody is left waiting in a collective, however late each rank reads the news.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class RowReduction:
     def __init__(self) -> None:
         self.reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._reduced = False  # this collected step's rows went through the reducer
-        self.owed = False  # failed before taking part in the next reduction
+        self.abstaining = False  # stopped: takes part with zero rows at every collected step
 
     def begin_step(self) -> None:
         """A new collected step: its rows have not been reduced yet."""
@@ -42,19 +45,19 @@ class RowReduction:
         return [p._replace(rows=self.reducer(p.rows)) for p in partials]
 
     def note_failure(self) -> None:
-        """The watcher failed (not because a peer did): the other ranks reduce at this step, if this one
-        has not yet, or at the next collected one; take part there."""
+        """The watcher stopped (its own failure or a peer's): take part with zero rows from now on, at
+        this collected step already if its rows have not been reduced yet."""
         if not callable(getattr(self.reducer, "abstain", None)):
             return
-        self.owed = True
+        self.abstaining = True
         if not self._reduced:
             self.abstain()
 
     def abstain(self) -> None:
-        """Take part in the reduction owed with zero rows."""
-        self.owed = False
+        """Take part in this collected step's reduction with zero rows."""
         self._reduced = True
         try:
             self.reducer.abstain()
         except Exception as exc:  # the collective itself broke: nothing more to take part in
+            self.abstaining = False
             log.debug("gradwatch: the reduction taken part in after a failure raised: %s", exc)

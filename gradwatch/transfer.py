@@ -76,6 +76,15 @@ class HostTransfer:
         buf.copy_(src, non_blocking=True)
         self._queue.append((buf, _event(src.device), payload))
 
+    def discard(self) -> None:
+        """Drop every launched copy without consuming it (waiting for those still in flight)."""
+        while self._queue:
+            buf, event, _ = self._queue.popleft()
+            if event is not None:
+                event.synchronize()
+            if self.delayed:
+                self._free.setdefault((buf.numel(), buf.dtype), []).append(buf)
+
     def consume(self, fn: Callable[[torch.Tensor, Any], None], wait: bool = False) -> None:
         """Call ``fn(host, payload)`` for each launched copy that is complete, oldest first; with
         ``wait`` (or beyond ``max_in_flight``) wait for the copies still in flight. ``host`` is only

@@ -286,7 +286,7 @@ class GradWatcher:
         if self.closed:
             return
         if self.error is not None:
-            if self._reduction.owed:  # a failed watcher still takes part in the others' next reduction
+            if self._reduction.abstaining:  # a stopped watcher still takes part in the others' reductions
                 call = self.calls
                 self.calls += 1
                 if call % self.every_n_steps == 0:
@@ -423,8 +423,9 @@ class GradWatcher:
 
     def _fail(self, exc: BaseException) -> None:
         peer = isinstance(exc, PeerWatcherFailed)
-        if not peer:
-            self._reduction.note_failure()
+        self._reduction.note_failure()
+        if peer:  # the steps read after the one that told (all reduced without the failed rank's part)
+            self._pipeline.discard()
         if self.on_error == "raise":
             raise exc
         self.error = f"{type(exc).__name__}: {exc}"
@@ -440,9 +441,10 @@ class GradWatcher:
     def row_reducer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Optional cross-process reduction of the per-device statistic rows before the host copy, for
         sharded parameters (FSDP): ``fn(rows) -> rows`` (see ``collect.reduce_sharded_rows``). A
-        collective one also has ``abstain()``: after this watcher fails, it is called instead at the next
-        step the other ranks reduce at (it sends zero rows), so they stop there too, raising
-        ``collect.PeerWatcherFailed``, instead of waiting for this rank in the collective."""
+        collective one also has ``abstain()``: once this watcher stopped (it failed, or a peer did), it is
+        called instead at every collected step (it sends zero rows and the failure flag), so the others
+        learn of it from the rows they read (``collect.PeerWatcherFailed``) and no rank ever waits for
+        another in the collective."""
         return self._reduction.reducer
 
     @row_reducer.setter

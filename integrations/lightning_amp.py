@@ -15,20 +15,31 @@ from gradwatch.collect import scale_rows
 
 
 class AmpUnscaler:
-    """Divides statistic rows by the loss scale when the optimizer unscales inside ``step()`` (fused)."""
+    """Divides statistic rows by the loss scale when the optimizer unscales inside ``step()`` (fused).
+
+    The scale is the scaler's own device tensor: ``get_scale()`` would read it on the host, a device
+    synchronisation at every step."""
 
     def __init__(self, scaler: Any) -> None:
         self.scaler = scaler
-        self.factor: float | None = None
+        self.factor: float | torch.Tensor | None = None
 
     def prepare(self, optimizer: Any) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)
         # torch marks optimizers that unscale inside step() with this attribute (GradScaler reads it too)
         if getattr(inner, "_step_supports_amp_scaling", False):
-            scale = float(self.scaler.get_scale())
-            self.factor = 1.0 / scale if scale > 0 else None
+            scale = self._scale()
+            if isinstance(scale, torch.Tensor):
+                self.factor = torch.where(scale > 0, scale.double().reciprocal(), 1.0)
+            else:
+                self.factor = 1.0 / scale if scale > 0 else None
         else:
             self.factor = None  # Lightning already called scaler.unscale_(optimizer)
+
+    def _scale(self) -> float | torch.Tensor:
+        """The loss scale as the scaler keeps it: a device tensor once it exists (no host read)."""
+        scale = getattr(self.scaler, "_get_scale_async", lambda: None)() if self.scaler.is_enabled() else None
+        return scale if isinstance(scale, torch.Tensor) else float(self.scaler.get_scale())
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.factor is None else scale_rows(rows, self.factor)

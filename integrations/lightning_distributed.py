@@ -96,8 +96,9 @@ class ShardReducer:
 
     Sums are divided by each layer's replica count (how many ranks hold a copy of the same elements)
     so a layer that is replicated rather than sharded is not counted once per rank. ``then`` (e.g. the
-    AMP unscaling) is applied to the reduced rows. A collective: after the watcher of this rank fails,
-    it takes part once more through :meth:`abstain`, and the watchers of the other ranks stop at that step.
+    AMP unscaling) is applied to the reduced rows. A collective: once the watcher of this rank stopped,
+    it takes part through :meth:`abstain` at every collected step, and the watchers of the other ranks
+    stop when they read the reduced rows that carry the news (then abstain as well).
     """
 
     def __init__(self, watcher: GradWatcher, world_size: int, flat_sharded: bool,
@@ -152,7 +153,7 @@ class ShardReducer:
         return self.then(rows) if self.then is not None else rows
 
     def abstain(self) -> None:
-        """Take part in this step's reduction with zero rows, telling every rank that this one's watcher failed."""
+        """Take part in this step's reduction with zero rows, telling every rank that this one's watcher stopped."""
         last = self._last
         if last is not None:
             rows = torch.zeros_like(last)

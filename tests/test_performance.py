@@ -10,7 +10,9 @@
 - the accelerator hot path (forced on CPU tensors with ``hot_path="accelerator"``) never waits for
   the device: no scalar read, blocking host copy, ``.cpu()``, ``.tolist()`` or ``bool()`` of a
   tensor on any kind of step, one ``non_blocking`` copy each; its delayed values equal the host
-  path's and are never lost (close, exception).
+  path's and are never lost (close, exception);
+- the all-reduce of sharded statistic rows (FSDP) reads nothing back either: another rank's failure
+  reaches a watcher inside the rows it reads later, and a stopped watcher keeps joining the reduction.
 
 Timings live in ``benchmarks/overhead.py``.
 """
@@ -395,3 +397,76 @@ def test_delayed_values_are_never_lost() -> None:
             if step == 6:
                 raise RuntimeError("boom")
     assert w.history.total_steps == 7
+
+
+@pytest.fixture
+def one_rank_gloo(tmp_path) -> Iterator[None]:
+    """A real gloo process group of one rank (a file store: no port), destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _ShardReducer:
+    """Reduces like the Lightning integration's FSDP reducer; ``peer_fails_at`` plays another rank whose
+    watcher failed at that reduction (it sends the failure flag from then on)."""
+
+    def __init__(self, peer_fails_at: int | None = None) -> None:
+        self.peer_fails_at = peer_fails_at
+        self.calls: list[str] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        from gradwatch.collect import reduce_sharded_rows
+
+        self._last = rows
+        flagged = self.peer_fails_at is not None and len(self.calls) >= self.peer_fails_at
+        self.calls.append("reduce")
+        return reduce_sharded_rows(rows, failed=flagged) if flagged else reduce_sharded_rows(rows)
+
+    def abstain(self) -> None:
+        from gradwatch.collect import reduce_sharded_rows
+
+        self.calls.append("abstain")
+        reduce_sharded_rows(torch.zeros_like(self._last), failed=True)
+
+
+def test_the_sharded_reduction_never_waits_for_the_device(monkeypatch: pytest.MonkeyPatch, one_rank_gloo: None) -> None:
+    model = SmallResNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = image_batch()
+    watcher = gradwatch.watch(model, slow_stats_every_n=3, hot_path="accelerator", on_error="raise")
+    watcher.row_reducer = _ShardReducer()
+    train_step(model, opt, x, y, watcher.step)
+    for step in range(1, 6):
+        with count_syncs(monkeypatch) as c:
+            train_step(model, opt, x, y, watcher.step)
+        assert c.syncs == [] and c.async_copies == 1, (step, c.syncs)
+    assert sorted(watcher.to_dataframe().step.unique()) == list(range(6)) and watcher.error is None
+    watcher.close()
+
+
+@pytest.mark.parametrize("hot_path", ["host", "accelerator"])
+def test_a_peers_failure_arrives_with_the_rows_and_the_watcher_keeps_joining(one_rank_gloo: None,
+                                                                              hot_path: str) -> None:
+    # another rank's watcher fails at the 4th reduction: this rank learns it from that step's rows (at once on
+    # the host path; on the accelerator path when it reads them, here at the next step, before reducing),
+    # records nothing from that step on, and takes part in every later reduction (zero rows) so that no
+    # rank ever waits for another in the collective
+    torch.manual_seed(0)
+    model = mlp(nn.ReLU, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    watcher = gradwatch.watch(model, every_n_steps=2, hot_path=hot_path)
+    reducer = watcher.row_reducer = _ShardReducer(peer_fails_at=3)
+    for _ in range(14):
+        train_step(model, opt, x, y, watcher.step)
+    assert watcher.error is not None and "another rank" in watcher.error
+    assert sorted(watcher.history.view().steps.tolist()) == [0, 2, 4]
+    assert len(reducer.calls) == 7  # one per collected step: 0, 2, ..., 12
+    assert reducer.calls == ["reduce"] * 4 + ["abstain"] * 3
+    watcher.close()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gradwatch.histogram_rounds import HistogramRounds
+from gradwatch.hotpath import DeviceRows
 from gradwatch.layer_meta import activation_layout, layer_meta
 from gradwatch.layers import discover_layers
 from gradwatch.optimizer_hooks import largest_lr, optimizer_context
@@ -80,20 +81,36 @@ class Collective:
         self.calls.append("abstain")
 
 
-def test_a_failed_watcher_takes_part_in_the_reduction_it_owes_once() -> None:
+def test_a_stopped_watcher_takes_part_in_every_later_reduction() -> None:
     reduction = RowReduction()
-    reduction.note_failure()  # no collective: nothing owed
-    assert not reduction.owed
+    reduction.note_failure()  # no collective: nothing to take part in
+    assert not reduction.abstaining
     collective = reduction.reducer = Collective()
     reduction.begin_step()
-    reduction.note_failure()  # failed before reducing: takes part now
-    assert collective.calls == ["abstain"] and not reduction.owed
+    reduction.note_failure()  # failed before reducing: takes part at this step already
+    assert collective.calls == ["abstain"] and reduction.abstaining
+    reduction = RowReduction()
+    collective = reduction.reducer = Collective()
     reduction.begin_step()
-    reduction.reduce([])
-    reduction.note_failure()  # failed after reducing: owes the next one
-    assert reduction.owed and collective.calls == ["abstain"]
-    reduction.abstain()
-    assert collective.calls == ["abstain", "abstain"] and not reduction.owed
+    reduction.reduce([DeviceRows(torch.device("cpu"), torch.zeros(8, 2), [0, 1])])
+    reduction.note_failure()  # failed (or learned a peer did) after reducing: from the next step on
+    assert reduction.abstaining and collective.calls == ["reduce"]
+    for _ in range(3):  # ... at every one: the others may learn of it only steps later
+        reduction.begin_step()
+        reduction.abstain()
+    assert collective.calls == ["reduce", "abstain", "abstain", "abstain"] and reduction.abstaining
+
+
+def test_a_broken_collective_ends_the_abstaining() -> None:
+    class Broken(Collective):
+        def abstain(self) -> None:
+            raise RuntimeError("process group destroyed")
+
+    reduction = RowReduction()
+    reduction.reducer = Broken()
+    reduction.begin_step()
+    reduction.note_failure()
+    assert not reduction.abstaining
 
 
 def test_one_open_watcher_per_model() -> None:

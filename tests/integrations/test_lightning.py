@@ -180,6 +180,28 @@ def test_16_mixed_grad_scaler_statistics_are_unscaled_also_for_fused_optimizers(
     np.testing.assert_allclose(norms[True].loc[0].to_numpy(), norms[False].loc[0].to_numpy(), rtol=1e-6)
 
 
+def test_the_fused_unscaling_divides_on_the_device_without_reading_the_scale() -> None:
+    # get_scale() is a host read of the scaler's device tensor: a synchronisation at every step on a GPU
+    from gradwatch.integrations.lightning_amp import AmpUnscaler
+    from gradwatch.metrics import PARTIALS, ROW
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()  # the scale now lives in a tensor
+
+    def host_read() -> float:
+        raise AssertionError("the loss scale was read on the host")
+
+    scaler.get_scale = host_read
+    unscaler = AmpUnscaler(scaler)
+    unscaler.prepare(opt)
+    out = unscaler(torch.ones(len(PARTIALS), 3))
+    assert out[ROW["sumsq"]].tolist() == [2.0**-20] * 3
+    assert out[ROW["l1"]].tolist() == out[ROW["max_abs"]].tolist() == [2.0**-10] * 3
+    assert out[ROW["numel"]].tolist() == [1.0] * 3
+
+
 def test_fail_on_nonfinite_under_grad_scaler_tolerates_calibration_not_real_nans(tmp_path: Path) -> None:
     calibrating = GradWatchCallback(fail_on="nonfinite")
     _trainer(tmp_path, calibrating, plugins=[_grad_scaler_plugin(2.0**30)]).fit(LitMLP())
