@@ -3,7 +3,8 @@
 Times, for a model of L layers (``len(GRAD_METRICS)`` scalars per layer), the training-thread work of
 turning one step's values into a serialized TensorBoard ``Event``:
 
-- ``bytes``: gradwatch's encoder (cached per-tag prefixes + the packed float32 values);
+- ``bytes``: gradwatch's encoder (:class:`~gradwatch.tensorboard_events.ScalarEncoder`: a cached
+  byte template per NaN pattern, the packed float32 values written into its slots);
 - ``proto``: ``Summary.Value`` objects per scalar, an ``Event`` around them, ``SerializeToString()``
   (what ``SummaryWriter.add_scalars``-style code does, minus its per-tag file-writer calls).
 
@@ -27,7 +28,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gradwatch.collect import GRAD_METRICS  # noqa: E402
-from gradwatch.tensorboard_events import encode_scalars, event_bytes, value_prefix  # noqa: E402
+from gradwatch.tensorboard_events import ScalarEncoder, encode_scalars, event_bytes, value_prefix  # noqa: E402
 
 
 def _proto_event(tags: list[str], values: np.ndarray, step: int) -> bytes:
@@ -37,8 +38,8 @@ def _proto_event(tags: list[str], values: np.ndarray, step: int) -> bytes:
     return Event(wall_time=time.time(), step=step, summary=summary).SerializeToString()
 
 
-def _bytes_event(prefixes: np.ndarray, values: np.ndarray, step: int) -> bytes:
-    return event_bytes(encode_scalars(prefixes, values), step, time.time())
+def _bytes_event(encoder: ScalarEncoder, values: np.ndarray, step: int) -> bytes:
+    return event_bytes(encoder.encode(values), step, time.time())
 
 
 def main() -> None:
@@ -51,15 +52,17 @@ def main() -> None:
     for n in args.layers:
         tags = [f"{m}/{i:03d}.blocks.{i}.linear" for i in range(n) for m in GRAD_METRICS]
         prefixes = np.array([value_prefix(t) for t in tags], dtype=object)
+        encoder = ScalarEncoder(prefixes)
         values = rng.random(len(tags))
         values[rng.random(len(tags)) < 0.3] = np.nan  # slow statistics are absent on most steps
-        assert Event.FromString(_bytes_event(prefixes, values, 7)).summary == Event.FromString(_proto_event(tags, values, 7)).summary
+        assert encoder.encode(values) == encode_scalars(prefixes, values)
+        assert Event.FromString(_bytes_event(encoder, values, 7)).summary == Event.FromString(_proto_event(tags, values, 7)).summary
         timings: dict[str, list[float]] = {"bytes": [], "proto": []}
         for r in range(args.rounds):
             for name in ("bytes", "proto") if r % 2 else ("proto", "bytes"):
                 t0 = time.perf_counter()
                 if name == "bytes":
-                    _bytes_event(prefixes, values, r)
+                    _bytes_event(encoder, values, r)
                 else:
                     _proto_event(tags, values, r)
                 timings[name].append(time.perf_counter() - t0)

@@ -1,7 +1,7 @@
 """A collected step's scalars as one serialized ``Summary``: per-layer, per-activation and run totals.
 
 The tags (``<metric>/NN.<layer>``, see :mod:`gradwatch.tags`) are encoded once per layer set; a step
-then costs one NumPy pass over its values (:func:`gradwatch.tensorboard_events.encode_scalars`).
+then costs a few NumPy passes over its values (:class:`gradwatch.tensorboard_events.ScalarEncoder`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import numpy as np
 
 from gradwatch import tags as T
 from gradwatch.metrics import ACT_METRICS, GRAD_METRICS, LAYER_SIGNAL_METRICS
-from gradwatch.tensorboard_events import encode_scalars, value_prefix
+from gradwatch.tensorboard_events import ScalarEncoder, encode_scalars, value_prefix
 
 if TYPE_CHECKING:
     from gradwatch.sinks import StepRecord
 
 
-def _prefixes(tags: list[str]) -> np.ndarray:
-    return np.array([value_prefix(t) for t in tags], dtype=object)
+def _encoder(tags: list[str]) -> ScalarEncoder:
+    return ScalarEncoder([value_prefix(t) for t in tags])
 
 
 class ScalarTags:
@@ -39,9 +39,7 @@ class ScalarTags:
         self._key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._lists: tuple[list[str], list[str], tuple[int, int]] | None = None
         self._totals: dict[str, bytes] = {}
-        self._grad: np.ndarray = np.zeros(0, dtype=object)
-        self._act: np.ndarray = np.zeros(0, dtype=object)
-        self._signal: np.ndarray = np.zeros(0, dtype=object)
+        self._grad = self._act = self._signal = ScalarEncoder([])
 
     @property
     def empty(self) -> bool:
@@ -63,9 +61,9 @@ class ScalarTags:
         self.layer_keys = {name: T.layer_key(i, name, lw) for i, name in enumerate(layers)}
         self.act_keys = [T.layer_key(i, name, aw) for i, name in enumerate(activations)]
         p = self.prefix
-        self._grad = _prefixes([f"{p}{m}/{self.layer_keys[n]}" for n in layers for m in GRAD_METRICS])
-        self._signal = _prefixes([f"{p}{m}/{self.layer_keys[n]}" for n in layers for m in LAYER_SIGNAL_METRICS])
-        self._act = _prefixes([f"{p}{m}/{k}" for k in self.act_keys for m in ACT_METRICS])
+        self._grad = _encoder([f"{p}{m}/{self.layer_keys[n]}" for n in layers for m in GRAD_METRICS])
+        self._signal = _encoder([f"{p}{m}/{self.layer_keys[n]}" for n in layers for m in LAYER_SIGNAL_METRICS])
+        self._act = _encoder([f"{p}{m}/{k}" for k in self.act_keys for m in ACT_METRICS])
         return True
 
     def layer_key(self, name: str, index: int, n: int) -> str:
@@ -82,14 +80,14 @@ class ScalarTags:
         flat = np.asarray(record.values, dtype=np.float64).reshape(-1)
         if len(flat) != len(self._grad):
             raise ValueError(f"step record has {flat.size} values for {len(self._grad)} tags")
-        parts = [encode_scalars(self._grad, flat)]
+        parts = [self._grad.encode(flat)]
         for arr, tags in ((record.act_values, self._act), (record.signal, self._signal)):
             if arr is None:
                 continue
             a = np.asarray(arr, dtype=np.float64)
             if a.ndim != 2 or a.size != len(tags):
                 continue  # shapes from a newer core than this writer knows
-            parts.append(encode_scalars(tags, a.reshape(-1)))
+            parts.append(tags.encode(a.reshape(-1)))
         totals = {"grad_norm": record.total_norm, "loss": record.loss, **record.extra}
         names = [k for k, v in totals.items() if v is not None and not math.isnan(v)]
         if names:

@@ -15,10 +15,24 @@ from torch.utils.tensorboard import SummaryWriter
 from gradwatch import tags as T
 from gradwatch.metrics import GRAD_METRICS
 from gradwatch.sinks import StepRecord
-from gradwatch.tensorboard_events import event_bytes
+from gradwatch.tensorboard_events import ScalarEncoder, encode_scalars, event_bytes, value_prefix
 from gradwatch.tensorboard_meta import META_FORMAT, meta_value, run_meta
 from gradwatch.tensorboard_scalars import ScalarTags
 from gradwatch.tensorboard_writer import EventWriter
+
+
+def test_the_scalar_encoder_writes_encode_scalars_bytes_for_every_nan_pattern() -> None:
+    # templates per NaN pattern, reused and evicted: always the same bytes as the per-scalar join
+    rng = np.random.default_rng(3)
+    prefixes = [value_prefix(f"grad_norm/{i:03d}.layer{'x' * int(rng.integers(0, 200))}") for i in range(300)]
+    encoder = ScalarEncoder(prefixes, max_layouts=3)
+    masks = [rng.random(300) < q for q in (0.0, 0.3, 0.7, 1.0)]
+    for k in range(40):
+        values = rng.standard_normal(300) * 10.0 ** rng.integers(-30, 30, 300)
+        values[masks[k % 4 if k < 20 else int(rng.integers(0, 4))]] = np.nan
+        assert encoder.encode(values) == encode_scalars(np.array(prefixes, dtype=object), values)
+    assert len(encoder._layouts) == 3
+    assert ScalarEncoder([]).encode(np.zeros(0)) == b""
 
 
 def test_a_step_encodes_to_the_summary_protobuf_would_write_skipping_nan() -> None:
