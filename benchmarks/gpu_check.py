@@ -53,7 +53,7 @@ def run(setup: str, steps: int, device: torch.device, tmp: str) -> dict[str, obj
         dtype = torch.bfloat16
     micro = 4 if setup == "accumulation x4" else 1
     watcher = gradwatch.watch(model, log_dir=os.path.join(tmp, setup.replace(" ", "_")), histogram_every_n_steps=0,
-                              hot_path="accelerator", on_error="raise")
+                              hot_path="accelerator", on_error="raise", scaler=scaler)  # its scale rides along
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(128, 512, device=device, generator=g)
     y = torch.randn(128, 512, device=device, generator=g)

@@ -44,6 +44,7 @@ class StepLaunch:
     state: Launched | None     # the collector's state at launch (delayed copies), None: read at once
     keep_out: bool             # a histogram step: recorded on its own, not buffered
     diagnosing: bool           # diagnose once recorded
+    scale_in_copy: bool = False  # the AMP loss scale is the copy's last element
 
 
 @dataclass
@@ -53,7 +54,8 @@ class PackedStep:
     flat: torch.Tensor
     layouts: list[tuple[tuple[int, ...], torch.dtype]]
     sample_size: int
-    loss: float | None         # None: the loss tensor is the last element of ``flat``
+    loss: float | None         # None: the loss tensor is in ``flat``, after the sample
+    scale_in_copy: bool = False  # a loss-scale tensor is the last element of ``flat``
 
 
 @dataclass
@@ -63,6 +65,7 @@ class HostRow:
     stats: StepStats
     loss: float                # NaN when no loss was given
     sample: torch.Tensor | None  # the activation sample (its own memory: the copy's buffer is reused)
+    loss_scale: float | None = None  # the AMP loss scale that rode along, if any
 
 
 def device_rows(partials: list[tuple[torch.device, torch.Tensor, list[int]]]) -> list[DeviceRows]:
@@ -77,9 +80,11 @@ def _moved(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.T
     return t.to(dtype)
 
 
-def pack_step(partials: list[DeviceRows], sample: torch.Tensor | None, loss: Any) -> PackedStep:
+def pack_step(partials: list[DeviceRows], sample: torch.Tensor | None, loss: Any,
+              loss_scale: torch.Tensor | None = None) -> PackedStep:
     """Every device's rows (gathered on the first device, in the widest dtype among them), then the
-    activation sample, then a loss given as a tensor: one tensor, one host copy, no device sync."""
+    activation sample, then a loss given as a tensor, then a ``GradScaler``'s scale tensor: one
+    tensor, one host copy, no device sync."""
     device = partials[0].device
     wide = torch.float64 if any(p.rows.dtype == torch.float64 for p in partials) else partials[0].rows.dtype
     parts = [_moved(p.rows.reshape(-1), device, wide) for p in partials]
@@ -88,11 +93,14 @@ def pack_step(partials: list[DeviceRows], sample: torch.Tensor | None, loss: Any
     in_copy = isinstance(loss, torch.Tensor)
     if in_copy:
         parts.append(_moved(loss.detach().reshape(-1)[:1], device, wide))
+    if loss_scale is not None:
+        parts.append(_moved(loss_scale.detach().reshape(-1)[:1], device, wide))
     return PackedStep(
         flat=torch.cat(parts) if len(parts) > 1 else parts[0],
         layouts=[(tuple(p.rows.shape), p.rows.dtype) for p in partials],
         sample_size=0 if sample is None else sample.numel(),
         loss=None if in_copy else (float(loss) if isinstance(loss, int | float) else math.nan),
+        scale_in_copy=loss_scale is not None,
     )
 
 
@@ -105,9 +113,11 @@ def read_host_row(host: torch.Tensor, launch: StepLaunch, collector: GradientCol
         offset += n
     stats = collector.finish(None, grad_host, launch.slow, launch.state)
     # host-side reads go through numpy: no further torch scalar reads (each is a sync on a device)
-    loss = float(host.numpy()[offset + launch.sample_size]) if launch.loss is None else launch.loss
+    after = offset + launch.sample_size
+    loss = float(host.numpy()[after]) if launch.loss is None else launch.loss
+    scale = float(host.numpy()[after + (launch.loss is None)]) if launch.scale_in_copy else None
     sample = host[offset:offset + launch.sample_size].clone() if launch.sample_size else None
-    return HostRow(stats=stats, loss=loss, sample=sample)
+    return HostRow(stats=stats, loss=loss, sample=sample, loss_scale=scale)
 
 
 class HostPipeline:
@@ -138,7 +148,7 @@ class HostPipeline:
             self._transfer = HostTransfer(delayed=not self._transfer.delayed)
         launch = StepLaunch(step=step, slow=slow, layouts=packed.layouts, sample_size=packed.sample_size,
                             loss=packed.loss, state=collector.launched() if self._transfer.delayed else None,
-                            keep_out=keep_out, diagnosing=diagnosing)
+                            keep_out=keep_out, diagnosing=diagnosing, scale_in_copy=packed.scale_in_copy)
         self._transfer.launch(packed.flat, launch)
         return launch
 

@@ -96,8 +96,9 @@ class GradWatcher:
         name: a label for logs.
         sinks: extra sinks receiving every record.
         scaler: the run's ``torch.amp.GradScaler`` (fp16 mixed precision): its loss scale is recorded
-            on slow-stat steps (``get_scale()`` is one host read) for the ``underflow`` finding, and
-            non-finite steps are read as the overflow-skipped steps they are.
+            on slow-stat steps for the ``underflow`` finding (its device tensor rides along in the
+            step's host copy: no sync), and non-finite steps are read as the overflow-skipped steps
+            they are.
         hot_path: ``"auto"`` (default), ``"host"`` or ``"accelerator"``. The accelerator path
             (chosen by ``"auto"`` for gradients not on the CPU) never waits for the device on a
             collected step: its statistics reach :attr:`history` and the sinks once their copy to
@@ -299,8 +300,6 @@ class GradWatcher:
             return
         index = self.collected
         self._reduction.begin_step()
-        if self.scaler is not None and index % self.slow_stats_every_n == 0:
-            self.note_loss_scale(self.scaler.get_scale(), call if global_step is None else int(global_step))
         try:
             self._collect(call if global_step is None else int(global_step), loss)
         except Exception as exc:
@@ -330,7 +329,8 @@ class GradWatcher:
         sample = None
         if self._sampler is not None and self._sampler.captured:
             sample = self._sampler.gather(device)
-        packed = pack_step(partials, sample, loss)  # one host copy: rows + activation sample + loss
+        scale = self._loss_scale(step) if slow else None
+        packed = pack_step(partials, sample, loss, scale)  # one host copy: rows + activation sample + loss (+ scale)
         # histogram rounds only where a sink can write them (they also keep steps out of batched recording)
         hist_round = self._histograms.starts_at(index, writable=bool(self.sinks))
         launch = self._pipeline.launch(
@@ -354,12 +354,27 @@ class GradWatcher:
             self._after_record(launch)
         self._after_step(index)
 
+    def _loss_scale(self, step: int) -> torch.Tensor | None:
+        """The ``GradScaler``'s scale on a slow-stat step: its device tensor, to ride along in the step's
+        host copy (``get_scale()`` is a host read: a device sync); before the scaler made that tensor,
+        or with another kind of scaler, recorded at once."""
+        if self.scaler is None:
+            return None
+        enabled = getattr(self.scaler, "is_enabled", lambda: True)()
+        scale = getattr(self.scaler, "_get_scale_async", lambda: None)() if enabled else None
+        if isinstance(scale, torch.Tensor):
+            return scale
+        self.note_loss_scale(self.scaler.get_scale(), step)
+        return None
+
     def _consume(self, row: HostRow, launch: StepLaunch) -> None:
         """Record a launched step read back on the host, then run what follows a recorded step."""
         self._record_row(row, launch)
         self._after_record(launch)
 
     def _record_row(self, row: HostRow, launch: StepLaunch) -> None:
+        if row.loss_scale is not None:
+            self.note_loss_scale(row.loss_scale, launch.step)
         if row.stats.fast and row.sample is None and not self._step_callbacks and not launch.keep_out \
                 and not launch.diagnosing:
             # a common step: recorded with the next ones, in one batch (whole-array history appends)

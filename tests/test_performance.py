@@ -470,3 +470,31 @@ def test_a_peers_failure_arrives_with_the_rows_and_the_watcher_keeps_joining(one
     assert len(reducer.calls) == 7  # one per collected step: 0, 2, ..., 12
     assert reducer.calls == ["reduce"] * 4 + ["abstain"] * 3
     watcher.close()
+
+
+def test_the_loss_scale_rides_along_without_a_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # watch(scaler=) records the GradScaler's scale on slow-stat steps from its device tensor, in the
+    # step's one copy (get_scale() would be a host read); the values are the ones get_scale() gives
+    torch.manual_seed(0)
+    model = mlp(nn.Tanh, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    watcher = gradwatch.watch(model, scaler=scaler, slow_stats_every_n=2, hot_path="accelerator", on_error="raise")
+    scales = []
+    for step in range(8):
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        scales.append(scaler.get_scale())
+        if step == 0:  # first step: forward order, plans (host -> device only)
+            watcher.step()
+        else:
+            with count_syncs(monkeypatch) as c:
+                watcher.step()
+            assert c.syncs == [] and c.async_copies == 1, (step, c.syncs)
+        scaler.step(opt)
+        scaler.update()
+    assert list(watcher.history.loss_scales) == [(s, scales[s]) for s in range(0, 8, 2)]
+    assert len(set(scales)) > 1  # the scale grew during the run: each step's own value was recorded
+    watcher.close()
