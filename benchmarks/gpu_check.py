@@ -3,8 +3,8 @@ values are the right ones.
 
 Runs a real model (the deep MLP of ``overhead.py``) in four set-ups -- float32, bf16 autocast, fp16
 autocast with a ``GradScaler`` (``unscale_`` before ``watcher.step()``), and gradient accumulation
-over 4 micro-batches -- with gradwatch at its defaults (TensorBoard on; histograms off during the
-check: binning copies the counts to the host by design). Forward, backward and ``watcher.step()`` run
+over 4 micro-batches -- with gradwatch at its defaults (TensorBoard on, a histogram round every 25
+steps: its counts also reach the host without a wait). Forward, backward and ``watcher.step()`` run
 under ``torch.cuda.set_sync_debug_mode("error")``, so any synchronising call inside gradwatch
 (``.item()``, a blocking ``.cpu()``, ``bool()`` of a device tensor ...) raises. The optimizer and
 the scaler run outside it (``GradScaler.step`` reads ``found_inf`` on the host itself). Afterwards the
@@ -52,7 +52,8 @@ def run(setup: str, steps: int, device: torch.device, tmp: str) -> dict[str, obj
     if device.type == "cpu" and dtype is not None:
         dtype = torch.bfloat16
     micro = 4 if setup == "accumulation x4" else 1
-    watcher = gradwatch.watch(model, log_dir=os.path.join(tmp, setup.replace(" ", "_")), histogram_every_n_steps=0,
+    log_dir = os.path.join(tmp, setup.replace(" ", "_"))
+    watcher = gradwatch.watch(model, log_dir=log_dir, histogram_every_n_steps=25,
                               hot_path="accelerator", on_error="raise", scaler=scaler)  # its scale rides along
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(128, 512, device=device, generator=g)
@@ -96,7 +97,18 @@ def run(setup: str, steps: int, device: torch.device, tmp: str) -> dict[str, obj
     mismatches = sum(1 for a, b in zip(totals, ref, strict=True)
                      if not (math.isnan(a) and math.isnan(b)) and not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-30))
     return {"setup": setup, "steps": steps, "sync_checked_steps": checked, "recorded": len(totals),
-            "total_norm_mismatches": mismatches, "wall_s": round(wall, 2)}
+            "total_norm_mismatches": mismatches, "histograms_per_layer": _histograms_per_layer(log_dir),
+            "wall_s": round(wall, 2)}
+
+
+def _histograms_per_layer(log_dir: str) -> int:
+    """The fewest ``grad_hist`` events any layer got in ``log_dir`` (read back with TensorBoard's reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={HISTOGRAMS: 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()[HISTOGRAMS] if "grad_hist/" in t]
+    return min((len(acc.Histograms(t)) for t in tags), default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 print(f"[FAIL] {setup}: {exc}")
                 continue
-            good = res["recorded"] == args.steps and res["total_norm_mismatches"] == 0
+            good = (res["recorded"] == args.steps and res["total_norm_mismatches"] == 0
+                    and res["histograms_per_layer"] >= (args.steps - 1) // 25)
             ok &= good
             print(("[ok]   " if good else "[FAIL] ") + "  ".join(f"{k}={v}" for k, v in res.items()))
     print("no synchronising call inside gradwatch's collected steps" if ok else "FAILED")

@@ -605,11 +605,14 @@ def hook_timing(device: torch.device, rounds: int = 40) -> list[dict[str, Any]]:
 # -- scale -----------------------------------------------------------------------------------------
 
 
-def scale_sweep(device: torch.device, quick: bool) -> dict[str, list[dict[str, Any]]]:
+def scale_sweep(device: torch.device, quick: bool, layer_counts: list[int] | None = None,
+                widths: list[int] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Per-step cost of gradwatch (statistics only, defaults) vs the number of layers and parameters."""
     out: dict[str, list[dict[str, Any]]] = {"layers": [], "params": []}
-    layer_counts = [10, 100, 1000] if quick else [10, 100, 1000, 5000]
-    widths = [64, 256, 1024] if quick else [64, 128, 256, 512, 1024, 2048]
+    if layer_counts is None:
+        layer_counts = [10, 100, 1000] if quick else [10, 100, 1000, 5000]
+    if widths is None:
+        widths = [64, 256, 1024] if quick else [64, 128, 256, 512, 1024, 2048]
 
     def measure(model: nn.Module, x: torch.Tensor, label: dict[str, Any], rounds: int) -> dict[str, Any]:
         base = model
@@ -624,9 +627,15 @@ def scale_sweep(device: torch.device, quick: bool) -> dict[str, list[dict[str, A
             for r in rs:
                 r.close()
         n_params = sum(p.numel() for p in base.parameters())
+        # what the user pays: the whole step's time over the plain one's, paired by round (the call's
+        # own time also includes work the optimizer then no longer does, e.g. the Python objects of
+        # fresh gradients, which the first reader of ``p.grad`` creates)
+        added = [(a - b) * 1e3 for a, b in zip(rs[1].times, rs[0].times, strict=False)]
         res = dict(label, params=n_params, tensors=len(list(base.parameters())), plain_ms=rows[0]["median_ms"],
-                   step_direct_ms=rows[1]["direct_ms"], slow_step_direct_ms=rows[2]["direct_ms"],
-                   ratio=rows[1]["ratio_median"], wall_s=time.perf_counter() - t0)
+                   step_direct_ms=rows[1]["direct_ms"], added_ms_median=statistics.median(added),
+                   added_ms_mean=statistics.fmean(added), slow_step_direct_ms=rows[2]["direct_ms"],
+                   ratio=rows[1]["ratio_median"], ratio_of_means=rows[1]["ratio_amortised"],
+                   wall_s=time.perf_counter() - t0)
         print("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in res.items()), flush=True)
         return res
 
@@ -742,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-components", action="store_true", help="skip the per-component cost phase")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory phase")
     p.add_argument("--scale", action="store_true", help="sweep layer and parameter counts instead")
+    p.add_argument("--layers", default=None,
+                   help="--scale: comma-separated layer counts (default 10,100,1000,5000); 'none' skips the sweep")
+    p.add_argument("--widths", default=None,
+                   help="--scale: comma-separated widths (default 64,...,2048); 'none' skips the sweep")
     p.add_argument("--ops", action="store_true", help="op-level timing of the statistics alone instead")
     p.add_argument("--hooks", action="store_true",
                    help="post-accumulate-grad hooks vs an after-backward pass (deep MLP) instead")
@@ -773,7 +786,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['case']:<46} median {r['median_ms']:8.2f} ms  mean {r['mean_ms']:8.2f} ms  "
                   f"added (means) {r['added_mean_ms']:+.2f} ms")
     elif args.scale:
-        result["scale"] = scale_sweep(device, args.quick)
+        def counts(arg: str | None) -> list[int] | None:
+            return None if arg is None else ([] if arg == "none" else [int(v) for v in arg.split(",")])
+
+        result["scale"] = scale_sweep(device, args.quick, counts(args.layers), counts(args.widths))
     else:
         if not tensorboard_available():
             print("note: gradwatch.tensorboard is not available; the TensorBoard variants are skipped", flush=True)

@@ -19,7 +19,9 @@ range are binned as +-3.4e38 (the top bucket), never counted as Inf. The binning
 NaN/Inf (one ``aminmax``), else the outer bucket edges; ``sum``/``sum_squares`` are computed from
 bucket midpoints (TensorBoard's histogram views do not use them; two more passes over every
 gradient would). Per tensor the device does three passes (key, count, min/max); all layers'
-results are stacked on their device and copied to the host once per device.
+results are stacked on their device and copied to the host once per device -- on a CUDA device
+without waiting for it (:func:`launch_bins`; counted with an atomic add, not ``bincount``, which
+reads the keys' range on the host).
 """
 
 from __future__ import annotations
@@ -114,13 +116,22 @@ def _keys(x: torch.Tensor, buffers: dict[torch.device, torch.Tensor] | None = No
 
 
 def _count(keys: torch.Tensor) -> torch.Tensor:
-    if keys.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
-        # bincount has no deterministic CUDA kernel (integer counts are order-independent anyway,
-        # but torch refuses it): count through a sort instead, slower but allowed.
+    if keys.device.type != "cuda":
+        return torch.bincount(keys, minlength=N_KEYS)
+    if torch.are_deterministic_algorithms_enabled():
+        # no deterministic CUDA kernel for an atomic count (integer counts are order-independent
+        # anyway, but torch refuses it): count through a sort instead, slower but allowed
         ordered = torch.sort(keys.reshape(-1).to(torch.int32)).values
         bounds = torch.searchsorted(ordered, torch.arange(N_KEYS + 1, device=keys.device, dtype=torch.int32))
         return bounds.diff()
-    return torch.bincount(keys, minlength=N_KEYS)
+    return count_keys_atomically(keys)
+
+
+def count_keys_atomically(keys: torch.Tensor) -> torch.Tensor:
+    """``bincount(keys, minlength=N_KEYS)`` as an add into ``N_KEYS`` counters: CUDA's ``bincount``
+    reads the keys' min and max on the host to size its output (a device sync); the range is known."""
+    ones = torch.ones(1, dtype=torch.int64, device=keys.device).expand(keys.numel())
+    return torch.zeros(N_KEYS, dtype=torch.int64, device=keys.device).index_add_(0, keys.reshape(-1), ones)
 
 
 def _as_float32_flat(t: torch.Tensor) -> torch.Tensor:
@@ -140,16 +151,71 @@ def _count_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+class PendingHistograms:
+    """Histograms binned on their devices whose copy to the host may still be in flight.
+
+    On an accelerator the counts go to the host in a ``non_blocking`` copy into pinned memory with an
+    event after it (a blocking copy would make the host wait for the device on every histogram step);
+    :meth:`ready` asks the events without waiting, :meth:`result` waits for them and finishes on the
+    host.
+    """
+
+    def __init__(self, n_groups: int) -> None:
+        self.n_groups = n_groups
+        #: per device: (host copy, event or None once complete, rows of the groups with elements there)
+        self.copies: list[tuple[torch.Tensor, object | None, np.ndarray]] = []
+
+    def ready(self) -> bool:
+        """Every copy has completed (asked without waiting)."""
+        return all(event is None or event.query() for _, event, _ in self.copies)  # type: ignore[attr-defined]
+
+    def result(self) -> list[LayerHistograms | None]:
+        """Per group its histograms, or ``None`` for a group without elements (waits for the copies)."""
+        counts = np.zeros((self.n_groups, N_KEYS), dtype=np.float64)
+        stats = np.zeros((self.n_groups, _STATS), dtype=np.float64)
+        stats[:, 0], stats[:, 1] = math.inf, -math.inf
+        present = np.zeros(self.n_groups, dtype=bool)
+        for host_t, event, rows in self.copies:
+            if event is not None:
+                event.synchronize()  # type: ignore[attr-defined]
+            host = host_t.numpy()
+            counts[rows] += host[rows, :N_KEYS]
+            stats[rows, 0] = np.minimum(stats[rows, 0], host[rows, N_KEYS])
+            stats[rows, 1] = np.maximum(stats[rows, 1], host[rows, N_KEYS + 1])
+            present[rows] = True
+        return _finish_all(counts, stats, present)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as a long tensor on ``device`` without waiting for it (pinned, ``non_blocking``)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, object | None]:
+    """``t`` copied to the host: at once on CPU; on a CUDA device into pinned memory, ``non_blocking``,
+    with the event that tells when it is there."""
+    if t.device.type != "cuda":
+        return t.cpu(), None  # (on CPU the tensor itself)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 @torch.no_grad()
-def bin_on_device(groups: Sequence[Sequence[torch.Tensor]]) -> list[LayerHistograms | None]:
-    """Bin each group of tensors (e.g. one layer's gradients) on its device; one host copy per device.
+def launch_bins(groups: Sequence[Sequence[torch.Tensor]]) -> PendingHistograms:
+    """Bin each group of tensors (e.g. one layer's gradients) on its device and start the copy of the
+    counts to the host, one per device; :meth:`PendingHistograms.result` finishes them.
 
     Args:
-        groups: per layer, the tensors to bin together (``None``-free; empty groups allowed).
-
-    Returns:
-        Per group its histograms, or ``None`` for a group without elements. A group whose tensors
-        live on several devices is binned per device and combined on the host.
+        groups: per layer, the tensors to bin together (``None``-free; empty groups allowed). A group
+            whose tensors live on several devices is binned per device and combined on the host.
     """
     # per device: (group of each tensor, per-group key counts accumulated in place, per-tensor min/max)
     per_device: dict[torch.device, tuple[list[int], torch.Tensor, list[torch.Tensor], dict[int, int]]] = {}
@@ -168,25 +234,30 @@ def bin_on_device(groups: Sequence[Sequence[torch.Tensor]]) -> list[LayerHistogr
             rows_of.setdefault(gi, len(rows_of))
             dev_counts[gi].add_(_count(_keys(x, buffers)))
             minmax.append(torch.stack(torch.aminmax(x)))
-    counts = np.zeros((len(groups), N_KEYS), dtype=np.float64)
-    stats = np.zeros((len(groups), _STATS), dtype=np.float64)
-    stats[:, 0], stats[:, 1] = math.inf, -math.inf
-    present = np.zeros(len(groups), dtype=bool)
+    pending = PendingHistograms(len(groups))
     for device, (owners, dev_counts, minmax, rows_of) in per_device.items():
         dtype = _count_dtype(device)
-        uniq = list(rows_of)  # groups with elements on this device
-        local = torch.tensor(owners, device=device, dtype=torch.long)
+        local = _to_device(owners, device)
         s = torch.stack(minmax).to(dtype)
         lo = torch.full((len(groups),), math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 0], "amin")
         hi = torch.full((len(groups),), -math.inf, device=device, dtype=dtype).scatter_reduce_(0, local, s[:, 1], "amax")
         # one copy to the host: the counts (exact integers in float64 up to 2**53 elements) and min/max
-        host = torch.cat([dev_counts.to(dtype), lo[:, None], hi[:, None]], dim=1).cpu().numpy()
-        rows = np.array(sorted(uniq))
-        counts[rows] += host[rows, :N_KEYS]
-        stats[rows, 0] = np.minimum(stats[rows, 0], host[rows, N_KEYS])
-        stats[rows, 1] = np.maximum(stats[rows, 1], host[rows, N_KEYS + 1])
-        present[rows] = True
-    return _finish_all(counts, stats, present)
+        host, event = _to_host(torch.cat([dev_counts.to(dtype), lo[:, None], hi[:, None]], dim=1))
+        pending.copies.append((host, event, np.array(sorted(rows_of))))
+    return pending
+
+
+def bin_on_device(groups: Sequence[Sequence[torch.Tensor]]) -> list[LayerHistograms | None]:
+    """Bin each group of tensors (e.g. one layer's gradients) on its device; one host copy per device.
+
+    Args:
+        groups: per layer, the tensors to bin together (``None``-free; empty groups allowed).
+
+    Returns:
+        Per group its histograms, or ``None`` for a group without elements. A group whose tensors
+        live on several devices is binned per device and combined on the host.
+    """
+    return launch_bins(groups).result()
 
 
 # host side ---------------------------------------------------------------------------------------
@@ -285,4 +356,5 @@ def _histograms(counts: np.ndarray, left: np.ndarray, limit: np.ndarray, center:
     return out
 
 
-__all__ = ["HistogramData", "LayerHistograms", "N_KEYS", "bin_on_device"]
+__all__ = ["HistogramData", "LayerHistograms", "N_KEYS", "PendingHistograms", "bin_on_device", "count_keys_atomically",
+           "launch_bins"]

@@ -47,6 +47,7 @@ import os
 import time
 import warnings
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -54,7 +55,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from gradwatch import tags as T
 from gradwatch.tensorboard_events import event_bytes
 from gradwatch.tensorboard_figure import RecentFlow
-from gradwatch.tensorboard_histograms import encode_histograms
+from gradwatch.tensorboard_histograms import PendingHistogramSummary, launch_histograms
 from gradwatch.tensorboard_meta import meta_value, run_meta
 from gradwatch.tensorboard_scalars import ScalarTags
 from gradwatch.tensorboard_writer import EventWriter
@@ -166,6 +167,8 @@ class TensorBoardSink:
         self.steps_written = 0
         self._tags = ScalarTags(prefix)
         self._meta_context: dict[str, Any] | None = None
+        #: launched histogram steps whose counts may still be on their way to the host (accelerators)
+        self._histograms_in_flight: deque[tuple[int, PendingHistogramSummary]] = deque()
         self._recent = RecentFlow(getattr(getattr(watcher, "thresholds", None), "window", _DEFAULT_WINDOW))
         self._diagnosis: Diagnosis | None = None
         self._text_signature: tuple | None = None
@@ -200,6 +203,8 @@ class TensorBoardSink:
         except Exception as exc:
             self._out.failed("scalars", exc)
             return
+        if self._histograms_in_flight:
+            self._write_histograms(wait=False)
         every = self.figure_every_n_steps
         if every and self.steps_written % every == 0:
             self.write_figure(record.step)
@@ -215,11 +220,25 @@ class TensorBoardSink:
         try:
             if self._out.writable("histograms") is None:
                 return
-            summary = encode_histograms(layers, self._tags.layer_key, self.prefix, weights=self.weight_histograms)
-            if summary:
-                self._out.write_event(event_bytes(summary, step, time.time()))
+            pending = launch_histograms(layers, self._tags.layer_key, self.prefix, weights=self.weight_histograms)
+            self._histograms_in_flight.append((step, pending))
         except Exception as exc:
             self._out.failed("histograms", exc)
+            return
+        self._write_histograms(wait=False)
+
+    def _write_histograms(self, wait: bool) -> None:
+        """Write the launched histogram steps whose counts reached the host, in launch order (all of
+        them with ``wait``)."""
+        queue = self._histograms_in_flight
+        while queue and (wait or queue[0][1].ready()):
+            step, pending = queue.popleft()
+            try:
+                summary = pending.encode()
+                if summary:
+                    self._out.write_event(event_bytes(summary, step, time.time()))
+            except Exception as exc:
+                self._out.failed("histograms", exc)
 
     def write_diagnosis(self, step: int, diagnosis: Diagnosis) -> None:
         """Remember the diagnosis (for the figure); write it as text when its findings changed."""
@@ -260,7 +279,8 @@ class TensorBoardSink:
             self._out.failed("figure", exc)
 
     def flush(self) -> None:
-        """Push the writer's queued events to disk."""
+        """Push the writer's queued events to disk (histograms still on their way to the host first)."""
+        self._write_histograms(wait=True)
         self._out.flush()
 
     def close(self) -> None:

@@ -345,9 +345,7 @@ class GradWatcher:
             self._histograms.start(self.layers)
         if self._histograms.in_progress:
             layers = self._histograms.next_layers(self.layers)
-            if layers:
-                if delayed:  # the earlier steps' scalars first (the histograms copy to the host anyway)
-                    self._pipeline.read(self.collector, self._consume, wait=True)
+            if layers:  # (binned on the device; on an accelerator written once their counts reached the host)
                 for sink in self.sinks:
                     sink.write_histograms(step, layers)
         if not delayed:

@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 from gradwatch import tags as T
 from gradwatch.activations import ACT_METRICS
-from gradwatch.histograms import bin_on_device
+from gradwatch.histograms import N_KEYS, bin_on_device, count_keys_atomically, launch_bins
 from gradwatch.tensorboard import TensorBoardSink
 
 EVERY = 5
@@ -549,3 +549,15 @@ def test_a_histogram_round_ends_within_the_cadence_whatever_the_budget(tmp_path:
     for key in keys:
         steps = [e.step for e in acc.Histograms(f"{T.GRAD_HIST}/{key}")]
         assert len(steps) == 4 and [s // 4 for s in steps] == [0, 1, 2, 3], (key, steps)
+
+
+def test_the_accelerator_count_and_the_launched_bins_are_bincounts_and_bin_on_device() -> None:
+    # the two pieces that keep a CUDA histogram step from waiting for the device, on CPU tensors: the
+    # atomic count equals bincount, and bins launched then finished equal the blocking ones
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randint(0, N_KEYS, (100_000,), generator=g, dtype=torch.int32)
+    assert torch.equal(count_keys_atomically(keys), torch.bincount(keys, minlength=N_KEYS))
+    groups = [[torch.randn(300, generator=g), torch.zeros(7)], [], [torch.randn(5, 5, generator=g) * 1e-30]]
+    pending = launch_bins(groups)
+    assert pending.ready()
+    assert pending.result() == bin_on_device(groups)
