@@ -606,7 +606,7 @@ def hook_timing(device: torch.device, rounds: int = 40) -> list[dict[str, Any]]:
 
 
 def scale_sweep(device: torch.device, quick: bool, layer_counts: list[int] | None = None,
-                widths: list[int] | None = None) -> dict[str, list[dict[str, Any]]]:
+                widths: list[int] | None = None, rounds: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """Per-step cost of gradwatch (statistics only, defaults) vs the number of layers and parameters."""
     out: dict[str, list[dict[str, Any]]] = {"layers": [], "params": []}
     if layer_counts is None:
@@ -643,14 +643,14 @@ def scale_sweep(device: torch.device, quick: bool, layer_counts: list[int] | Non
     for n in layer_counts:
         torch.manual_seed(0)
         model = ParallelLayers(n)
-        rounds = 6 if quick else max(8, min(60, 6000 // n))
-        out["layers"].append(measure(model, torch.randn(32, n, 32), {"layers": n}, rounds))
+        k = rounds or (6 if quick else max(8, min(60, 6000 // n)))
+        out["layers"].append(measure(model, torch.randn(32, n, 32), {"layers": n}, k))
     print("parameter-count sweep (8 x Linear(w, w), batch 64):", flush=True)
     for w in widths:
         torch.manual_seed(0)
         model = deep_mlp(width=w, depth=8)
-        rounds = 6 if quick else max(8, min(60, int(60 * (512 / w) ** 2)))
-        out["params"].append(measure(model, torch.randn(64, w), {"width": w}, rounds))
+        k = rounds or (6 if quick else max(8, min(60, int(60 * (512 / w) ** 2))))
+        out["params"].append(measure(model, torch.randn(64, w), {"width": w}, k))
     return out
 
 
@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         def counts(arg: str | None) -> list[int] | None:
             return None if arg is None else ([] if arg == "none" else [int(v) for v in arg.split(",")])
 
-        result["scale"] = scale_sweep(device, args.quick, counts(args.layers), counts(args.widths))
+        result["scale"] = scale_sweep(device, args.quick, counts(args.layers), counts(args.widths), args.rounds)
     else:
         if not tensorboard_available():
             print("note: gradwatch.tensorboard is not available; the TensorBoard variants are skipped", flush=True)
