@@ -109,7 +109,7 @@ class WatchOptions:
     activation_every_n_steps: int = 50
     histogram_every_n_steps: int = 100
     histogram_max_elements: int | None = 1 << 20
-    figure_every_n_steps: int = 500
+    figure_every_n_steps: int = 2000
     diagnose_every_n_steps: int = 100
     thresholds: Thresholds | None = None
     history_capacity: int = 1000

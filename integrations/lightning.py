@@ -122,7 +122,7 @@ class GradWatchCallback(Callback):
         slow_stats_every_n: max and mean |g|, zero fractions, weight norms and update ratios every
             n-th collected step (``1``: every statistic on every step). Default: ``10``.
         figure_every_n_steps: TensorBoard gradient-flow figure every n-th collected step, ``0`` only at
-            the end. Default: ``500``.
+            the end. Default: ``2000``.
         diagnose_every_n_steps: recompute the diagnosis (for logs and ``fail_on``) every n-th
             collected step; it is also computed at each epoch end. Default: ``100``.
         thresholds: diagnosis thresholds. Default: ``None`` (``gradwatch.Thresholds()``).
@@ -187,7 +187,7 @@ class GradWatchCallback(Callback):
         histogram_every_n_steps: int = 100,
         histogram_max_elements: int | None = 1 << 20,
         slow_stats_every_n: int = 10,
-        figure_every_n_steps: int = 500,
+        figure_every_n_steps: int = 2000,
         diagnose_every_n_steps: int = 100,
         thresholds: Thresholds | None = None,
         history_capacity: int = 1000,
