@@ -30,11 +30,11 @@ grew before the NaN).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradwatch.diagnose_depth import nanmedian
 from gradwatch.findings import Finding
 from gradwatch.fixes.registry import fix_reason
 
@@ -71,10 +71,9 @@ def robust_baseline(logs: np.ndarray, window: int, min_count: int) -> tuple[np.n
     padded = np.vstack([np.full((window, n), np.nan), logs[:-1]])  # row t + window - 1 ends at step t - 1
     wins = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)[:t_len]  # (t, n, window)
     count = np.isfinite(wins).sum(axis=-1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(wins, axis=-1)
-        mad = np.nanmedian(np.abs(wins - med[..., None]), axis=-1)
+    med = nanmedian(wins, axis=-1)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, not measured
+        mad = nanmedian(np.abs(wins - med[..., None]), axis=-1)
     ok = count >= min_count
     med = np.where(ok, med, np.nan)
     sig = np.where(ok, np.maximum(_MAD_TO_SIGMA * mad, _MAD_FLOOR_DECADES), np.nan)
@@ -90,10 +89,12 @@ def _spike_mask(logs: np.ndarray, th: Thresholds) -> tuple[np.ndarray, np.ndarra
     r = math.log10(th.spike_ratio)
     # cheap pre-filter: a spike is at least `r` decades above the trailing minimum (min <= median)
     filled = np.where(np.isfinite(logs), logs, np.inf)
-    cand = np.zeros((t_len, n), dtype=bool)
-    for t in range(th.spike_min_baseline, t_len):
-        lo = filled[max(0, t - th.spike_baseline):t].min(axis=0)
-        cand[t] = np.isfinite(logs[t]) & (logs[t] - lo >= r)
+    # trailing minimum of the `spike_baseline` steps before each step, for all steps at once
+    padded = np.vstack([np.full((th.spike_baseline, n), np.inf), filled])
+    lo = np.lib.stride_tricks.sliding_window_view(padded, th.spike_baseline, axis=0)[:t_len].min(axis=-1)
+    with np.errstate(invalid="ignore"):
+        cand = np.isfinite(logs) & (logs - lo >= r)
+    cand[:th.spike_min_baseline] = False
     rows = np.flatnonzero(cand.any(axis=1))
     for t in rows:
         cols = np.flatnonzero(cand[t])
@@ -102,10 +103,9 @@ def _spike_mask(logs: np.ndarray, th: Thresholds) -> tuple[np.ndarray, np.ndarra
         if not enough.any():
             continue
         cols, base = cols[enough], base[:, enough]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            m = np.nanmedian(base, axis=0)
-            s = np.maximum(_MAD_TO_SIGMA * np.nanmedian(np.abs(base - m), axis=0), _MAD_FLOOR_DECADES)
+        m = nanmedian(base, axis=0)
+        with np.errstate(invalid="ignore"):
+            s = np.maximum(_MAD_TO_SIGMA * nanmedian(np.abs(base - m), axis=0), _MAD_FLOOR_DECADES)
         d = logs[t, cols] - m
         zz = d / s
         z[t, cols], above[t, cols] = zz, d
