@@ -38,10 +38,17 @@ class RowReduction:
         self._reduced = False
 
     def reduce(self, partials: list[DeviceRows]) -> list[DeviceRows]:
-        """``partials`` with their rows reduced across processes (unchanged without a reducer)."""
+        """``partials`` with their rows reduced across processes (unchanged without a reducer). A rank
+        without gradients on this step still takes part in a collective one, with zero rows
+        (``join_empty()``): the others would otherwise wait for it."""
         if self.reducer is None:
             return partials
         self._reduced = True  # (a reducer that raises has taken part in the collective)
+        if not partials:
+            join_empty = getattr(self.reducer, "join_empty", None)
+            if callable(join_empty):
+                join_empty()
+            return partials
         return [p._replace(rows=self.reducer(p.rows)) for p in partials]
 
     def note_failure(self) -> None:

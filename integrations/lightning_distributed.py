@@ -154,13 +154,19 @@ class ShardReducer:
 
     def abstain(self) -> None:
         """Take part in this step's reduction with zero rows, telling every rank that this one's watcher stopped."""
+        reduce_sharded_rows(self._zero_rows(), None, replicas=self.replicas(), failed=True)
+
+    def join_empty(self) -> None:
+        """Take part in this step's reduction with zero rows: this rank has no gradients on this step."""
+        reduce_sharded_rows(self._zero_rows(), None, replicas=self.replicas())
+
+    def _zero_rows(self) -> torch.Tensor:
         last = self._last
         if last is not None:
-            rows = torch.zeros_like(last)
-        else:  # failed before its first reduction: the rows the collector would have made
-            params = [p for layer in self.watcher.layers for p in layer.params]
-            rows = zero_rows(len(self.watcher.layers), device=params[0].device if params else None)
-        reduce_sharded_rows(rows, None, replicas=self.replicas(), failed=True)
+            return torch.zeros_like(last)
+        # before its first reduction: the rows the collector would have made
+        params = [p for layer in self.watcher.layers for p in layer.params]
+        return zero_rows(len(self.watcher.layers), device=params[0].device if params else None)
 
 
 _EXIT_HANDLER: list[Callable[[], None]] = []

@@ -101,6 +101,23 @@ def test_a_stopped_watcher_takes_part_in_every_later_reduction() -> None:
     assert collective.calls == ["reduce", "abstain", "abstain", "abstain"] and reduction.abstaining
 
 
+def test_a_rank_without_gradients_still_joins_the_collective() -> None:
+    class Joining(Collective):
+        def join_empty(self) -> None:
+            self.calls.append("join_empty")
+
+    reduction = RowReduction()
+    collective = reduction.reducer = Joining()
+    reduction.begin_step()
+    assert reduction.reduce([]) == []
+    assert collective.calls == ["join_empty"]
+    reduction.note_failure()  # it took part at this step: abstaining from the next one
+    assert collective.calls == ["join_empty"] and reduction.abstaining
+    plain = RowReduction()
+    plain.reducer = lambda rows: rows  # not a collective: nothing to join
+    assert plain.reduce([]) == []
+
+
 def test_a_broken_collective_ends_the_abstaining() -> None:
     class Broken(Collective):
         def abstain(self) -> None:
