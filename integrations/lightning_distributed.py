@@ -4,12 +4,12 @@
 - :func:`broadcast_modules`: rank zero's re-initialised or new weights copied to every rank;
 - :class:`ShardReducer`: per-layer statistic rows all-reduced across ranks for sharded parameters
   (FSDP2/DTensor, FSDP), so every rank records the statistics of whole layers;
-- :func:`destroy_gloo_group_at_exit`: a clean exit for gloo process groups.
+- :func:`destroy_gloo_group_at_exit` (from :mod:`gradwatch.integrations.gloo_exit`): a clean exit for gloo
+  process groups.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import nn
 
 from gradwatch.collect import reduce_sharded_rows, zero_rows
+from gradwatch.integrations.gloo_exit import destroy_gloo_group_at_exit
 from gradwatch.layers import ROOT_NAME, clean_name
 
 if TYPE_CHECKING:
@@ -167,34 +168,6 @@ class ShardReducer:
         # before its first reduction: the rows the collector would have made
         params = [p for layer in self.watcher.layers for p in layer.params]
         return zero_rows(len(self.watcher.layers), device=params[0].device if params else None)
-
-
-_EXIT_HANDLER: list[Callable[[], None]] = []
-
-
-def destroy_gloo_group_at_exit() -> None:
-    """Destroy a gloo default process group at interpreter exit, before finalization (once per process).
-
-    Lightning registers this for NCCL only. A gloo group left alive at exit keeps its worker threads,
-    which may still hold the tensors of the last collective (e.g. the ``fail_on`` decision, right
-    before training stops): releasing one during interpreter finalization needs the GIL, the thread
-    is torn down inside a ``noexcept`` destructor, and the process aborts with "terminate called
-    without an active exception" (SIGABRT) instead of exiting cleanly. Destroying the group while the
-    interpreter is alive joins those threads first.
-    """
-    import torch.distributed as dist
-
-    if _EXIT_HANDLER or not (dist.is_available() and dist.is_initialized()):
-        return
-    if "gloo" not in str(dist.get_backend()):
-        return
-
-    def destroy() -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    _EXIT_HANDLER.append(destroy)
-    atexit.register(destroy)
 
 
 def is_dtensor(t: Any) -> bool:

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gradwatch.findings import FINDING_KINDS, Diagnosis
 from gradwatch.fixes.clipping import clip_to_norm_, global_norm
+from gradwatch.integrations.gloo_exit import destroy_gloo_group_at_exit
 from gradwatch.options import WatchOptions, check_names
 from gradwatch.report import for_logs
 from gradwatch.watcher import GradWatcher
@@ -193,6 +194,8 @@ class GradWatchTrainerCallback(TrainerCallback):
                        model: torch.nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise RuntimeError("GradWatchTrainerCallback: the Trainer passed no model to on_train_begin")
+        if args.world_size > 1:
+            destroy_gloo_group_at_exit()  # a gloo group alive at interpreter exit aborts the process now and then
         if self.watcher is not None:
             self.watcher.close()
         self._diagnosis, self._logged_signature, self.stop_reason = None, None, None
