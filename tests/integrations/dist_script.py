@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from exit_probe import note_group_at_exit
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lit_models import TRAINER_DEFAULTS, LitMLP, LitShardedMLP, LitTensorParallelMLP
@@ -115,17 +116,7 @@ def main(mode: str, out: Path) -> None:
 
 
 def _fail_on_one_rank(out: Path) -> None:
-    import atexit
-
-    import torch.distributed as dist
-
-    def note_group_at_exit() -> None:  # registered first, so it runs after every later atexit handler
-        path = out / f"rank{int(os.environ.get('LOCAL_RANK', '0'))}.json"
-        result = json.loads(path.read_text())
-        result["group_alive_at_exit"] = dist.is_available() and dist.is_initialized()
-        path.write_text(json.dumps(result))
-
-    atexit.register(note_group_at_exit)
+    note_group_at_exit(out)
     callback = _FailsOnRankOne(fail_on=("dead_units",), diagnose_every_n_steps=1, verbose=False)
     trainer = L.Trainer(**{**TRAINER_DEFAULTS, "devices": 2, "strategy": "ddp", "max_epochs": 3, "logger": False,
                            "callbacks": [callback], "enable_checkpointing": False})

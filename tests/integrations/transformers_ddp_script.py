@@ -6,30 +6,22 @@ Each rank trains the same tiny GPT-2 with ``GradWatchTrainerCallback`` and write
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import transformers
 
 from gradwatch.integrations.transformers import GradWatchTrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exit_probe import note_group_at_exit  # noqa: E402
 from test_transformers import gpt2, tokens  # noqa: E402
 
 
 def main(out: Path) -> None:
-    def note_group_at_exit() -> None:  # registered first, so it runs after every later atexit handler
-        path = out / f"rank{int(os.environ.get('LOCAL_RANK', '0'))}.json"
-        result = json.loads(path.read_text())
-        result["group_alive_at_exit"] = dist.is_available() and dist.is_initialized()
-        path.write_text(json.dumps(result))
-
-    atexit.register(note_group_at_exit)
+    note_group_at_exit(out)
     torch.manual_seed(0)
     callback = GradWatchTrainerCallback(log_dir=str(out / "tb"))
     args = transformers.TrainingArguments(
